@@ -70,12 +70,18 @@ impl Diag {
     }
 
     pub fn is_error(&self) -> bool {
-        !matches!(self.severity(), Some(Severity::Warning) | Some(Severity::Advice))
+        !matches!(
+            self.severity(),
+            Some(Severity::Warning) | Some(Severity::Advice)
+        )
     }
 
     /// The stable code, e.g. `E0401`.
     pub fn code_str(&self) -> String {
-        self.inner().code().map(|c| c.to_string()).unwrap_or_default()
+        self.inner()
+            .code()
+            .map(|c| c.to_string())
+            .unwrap_or_default()
     }
 
     /// The first label's byte range, if any.

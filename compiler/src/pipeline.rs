@@ -57,7 +57,8 @@ pub fn check_paths(paths: &[PathBuf]) -> Frontend {
             }
         }
     }
-    fe.diags.sort_by_key(|d| (d.file, d.primary_span().map(|s| s.0)));
+    fe.diags
+        .sort_by_key(|d| (d.file, d.primary_span().map(|s| s.0)));
     fe
 }
 
@@ -68,7 +69,8 @@ pub fn check_text(name: &str, text: &str) -> Frontend {
     let path = std::path::absolute(name).ok();
     let id = fe.sources.add(name, path, text.to_string());
     check_file(&mut fe, name.to_string(), id);
-    fe.diags.sort_by_key(|d| (d.file, d.primary_span().map(|s| s.0)));
+    fe.diags
+        .sort_by_key(|d| (d.file, d.primary_span().map(|s| s.0)));
     fe
 }
 

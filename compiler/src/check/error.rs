@@ -124,6 +124,7 @@ pub enum CheckError {
         message: String,
         #[label("{label}")]
         span: SourceSpan,
+        label: String,
         #[help]
         help: Option<String>,
     },
@@ -131,7 +132,10 @@ pub enum CheckError {
     /// A block uses itself, directly or through other blocks; expanding it would
     /// never end.
     #[error("block `{name}` uses itself")]
-    #[diagnostic(code(E0209), help("a block cannot contain itself; use `repeat` to stack copies"))]
+    #[diagnostic(
+        code(E0209),
+        help("a block cannot contain itself; use `repeat` to stack copies")
+    )]
     RecursiveBlock {
         name: String,
         #[label("recursive use")]
@@ -377,7 +381,10 @@ pub enum CheckError {
     /// The model's input shape is not three positive integers `[C, H, W]`, or is
     /// unreasonably large.
     #[error("bad input shape: {reason}")]
-    #[diagnostic(code(E0408), help("write the input as [channels, height, width], e.g. [1, 28, 28]"))]
+    #[diagnostic(
+        code(E0408),
+        help("write the input as [channels, height, width], e.g. [1, 28, 28]")
+    )]
     InputShape {
         reason: String,
         #[label("{reason}")]
@@ -516,6 +523,7 @@ pub enum CheckError {
         message: String,
         #[label("{label}")]
         span: SourceSpan,
+        label: String,
         #[help]
         help: Option<String>,
     },
@@ -539,8 +547,13 @@ pub enum CheckError {
     },
 
     /// A Grad-CAM target must be a spatial feature map `[C, H, W]`, not a vector.
-    #[error("`{layer}` cannot be a Grad-CAM target: its output {shape} is not a spatial feature map")]
-    #[diagnostic(code(E0602), help("choose a conv, norm, activation or pooling layer before global_avg_pool/flatten"))]
+    #[error(
+        "`{layer}` cannot be a Grad-CAM target: its output {shape} is not a spatial feature map"
+    )]
+    #[diagnostic(
+        code(E0602),
+        help("choose a conv, norm, activation or pooling layer before global_avg_pool/flatten")
+    )]
     GradcamTarget {
         layer: String,
         shape: String,
@@ -575,7 +588,10 @@ pub enum CheckError {
     /// Explanations read samples from the data set of the `train` section; without
     /// one there is nothing to explain.
     #[error("explain needs data, but there is no `train` section with `data`")]
-    #[diagnostic(code(E0605), help("add `train {{ data = mnist(\"data/mnist-5k\") … }}`"))]
+    #[diagnostic(
+        code(E0605),
+        help("add `train {{ data = mnist(\"data/mnist-5k\") … }}`")
+    )]
     ExplainNoData {
         #[label("no data to take samples from")]
         span: SourceSpan,
@@ -603,7 +619,11 @@ pub enum Lint {
     ///
     /// Fix: `conv(…, bias=false)` before a norm.
     #[error("the bias of `{layer}` is cancelled by the `{norm}` after it")]
-    #[diagnostic(code(W0001), severity(Warning), help("write `bias=false` on `{layer}`"))]
+    #[diagnostic(
+        code(W0001),
+        severity(Warning),
+        help("write `bias=false` on `{layer}`")
+    )]
     BiasBeforeNorm {
         layer: String,
         norm: String,
@@ -630,7 +650,11 @@ pub enum Lint {
 
     /// A block defined in a file with a model is never used.
     #[error("block `{name}` is never used")]
-    #[diagnostic(code(W0003), severity(Warning), help("use it in the model or remove it"))]
+    #[diagnostic(
+        code(W0003),
+        severity(Warning),
+        help("use it in the model or remove it")
+    )]
     UnusedBlock {
         name: String,
         #[label("defined here")]
@@ -662,7 +686,11 @@ pub enum Lint {
 
     /// A block parameter that the block's body never uses.
     #[error("parameter `{name}` of block `{block}` is never used")]
-    #[diagnostic(code(W0006), severity(Warning), help("use it in the body or remove it"))]
+    #[diagnostic(
+        code(W0006),
+        severity(Warning),
+        help("use it in the body or remove it")
+    )]
     UnusedParam {
         name: String,
         block: String,
