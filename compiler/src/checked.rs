@@ -43,6 +43,18 @@ impl CheckedModel {
             .find(|(_, l)| l.name == name)
             .map(|(i, l)| (ValueId(i + 1), l))
     }
+    /// The value a name refers to: a layer's full name, or a block instance's name
+    /// (its output is the last layer expanded inside it).
+    pub fn value_by_name(&self, name: &str) -> Option<ValueId> {
+        if let Some((v, _)) = self.layer_by_name(name) {
+            return Some(v);
+        }
+        let prefix = format!("{name}.");
+        self.layers
+            .iter()
+            .rposition(|l| l.name.starts_with(&prefix))
+            .map(|i| ValueId(i + 1))
+    }
     /// The layers that read value `v`.
     pub fn users(&self, v: ValueId) -> impl Iterator<Item = (ValueId, &Layer)> {
         self.layers
