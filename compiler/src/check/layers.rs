@@ -329,7 +329,7 @@ impl Checker<'_> {
             PadSpec::Explicit(p) => p,
             PadSpec::Same => {
                 let mut p = [0; 2];
-                for i in 0..2 {
+                for (i, pi) in p.iter_mut().enumerate() {
                     let reach = a.dilation[i] * (a.kernel[i] - 1);
                     if !reach.is_multiple_of(2) {
                         let loc = b.loc_of("pad");
@@ -349,7 +349,7 @@ impl Checker<'_> {
                         );
                         return None;
                     }
-                    p[i] = reach / 2;
+                    *pi = reach / 2;
                 }
                 p
             }
@@ -486,7 +486,16 @@ impl Checker<'_> {
                 );
                 return None;
             }
-            dropped.push((dim, reach.rem_euclid(s), n, arithmetic));
+            // Input rows (not padding rows) below the last window. A window
+            // smaller than its stride (a strided 1×1 projection) skips rows by
+            // design, so only windows that tile their input are reported.
+            let last_read = (o - 1) * s - p + d * (k - 1);
+            let lost = if d * (k - 1) + 1 >= s {
+                (n - 1 - last_read).max(0)
+            } else {
+                0
+            };
+            dropped.push((dim, lost, n, arithmetic));
             out[i] = o as u64;
         }
         // One warning for a square case, one per dimension otherwise.
@@ -503,7 +512,6 @@ impl Checker<'_> {
             } else {
                 ctx.op_loc
             };
-            let stride = stride[0].max(stride[1]) as i64;
             self.lint(
                 culprit,
                 Lint::DroppedPixels {
@@ -513,10 +521,10 @@ impl Checker<'_> {
                     size: n as u64,
                     span: culprit.span.into(),
                     arithmetic,
-                    help: Some(format!(
-                        "pad by {} more, or choose an input size that the stride divides",
-                        (stride - lost + 1) / 2
-                    )),
+                    help: Some(
+                        "choose pad or the input size so that `in + 2*pad - dilation*(kernel-1) - 1` is a multiple of the stride"
+                            .into(),
+                    ),
                 },
             );
         }

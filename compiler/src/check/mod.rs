@@ -125,11 +125,10 @@ pub fn check_file(
     for item in &ast.items {
         if let Item::Example(ex) = item {
             if let Some(m) = ck.example(file, ex) {
+                let end = ex.args.as_ref().map_or(ex.block.span.end, |a| a.span.end);
                 let title = format!(
                     "example {}",
-                    &ck.sources.get(file).text[ex.span.start..ex.span.end]
-                        .trim_start_matches("example")
-                        .trim()
+                    &ck.sources.get(file).text[ex.block.span.start..end]
                 );
                 examples.push(CheckedExample { title, model: m });
             }

@@ -26,7 +26,7 @@ pub const SETTINGS: &[&str] = &[
 ];
 
 /// Number of object kinds the synthetic `shapes` data set can draw.
-pub const SHAPE_KINDS: i64 = 6;
+pub const SHAPE_KINDS: i64 = 10;
 
 impl Checker<'_> {
     pub(super) fn train(
