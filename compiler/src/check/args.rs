@@ -95,6 +95,9 @@ pub struct Bound {
     /// The whole call (for "missing argument" errors).
     pub call: Loc,
     pub vals: HashMap<String, V>,
+    /// False when an argument was unknown, repeated, surplus or missing: the
+    /// others are still read and checked, but the call as a whole fails.
+    pub ok: bool,
 }
 
 impl Bound {
@@ -124,7 +127,8 @@ pub const MAX_DIM: i64 = 1 << 24;
 impl Checker<'_> {
     /// Binds `args` to `params` (positional order = `params` order).
     /// Reports unknown, duplicate and surplus arguments; `required` ones must be
-    /// present.
+    /// present. Always returns the arguments that did bind (so they are checked
+    /// too); `ok` says whether the call as a whole is valid.
     pub fn bind(
         &mut self,
         callee: &str,
@@ -145,7 +149,7 @@ impl Checker<'_> {
                             Some(if params.is_empty() {
                                 format!("`{callee}` takes no arguments")
                             } else {
-                                format!("`{callee}` takes {}", list_names(params))
+                                format!("`{callee}` takes {}", list_all(params))
                             })
                         });
                         self.error(
@@ -167,7 +171,7 @@ impl Checker<'_> {
                         let help = Some(if params.is_empty() {
                             format!("`{callee}` takes no arguments")
                         } else {
-                            format!("`{callee}` takes {}", list_names(params))
+                            format!("`{callee}` takes {}", list_all(params))
                         });
                         self.error(
                             a.loc,
@@ -208,7 +212,7 @@ impl Checker<'_> {
             vals.insert(name, a.value.clone());
         }
         for r in required {
-            if !vals.contains_key(*r) && ok {
+            if !vals.contains_key(*r) {
                 let help = Some(format!(
                     "write `{callee}({}{})`",
                     required
@@ -234,10 +238,11 @@ impl Checker<'_> {
                 ok = false;
             }
         }
-        ok.then(|| Bound {
+        Some(Bound {
             callee: callee.into(),
             call,
             vals,
+            ok,
         })
     }
 
@@ -304,6 +309,7 @@ impl Checker<'_> {
                     callee: callee.into(),
                     call: v.loc,
                     vals: HashMap::new(),
+                    ok: false,
                 };
                 self.wrong_type(&b, name, v, "an integer");
                 None
@@ -388,6 +394,7 @@ impl Checker<'_> {
                     callee: callee.into(),
                     call: v.loc,
                     vals: HashMap::new(),
+                    ok: false,
                 };
                 self.wrong_type(&b, name, v, "a number");
                 return None;
@@ -510,6 +517,11 @@ pub fn list_names(names: &[&str]) -> String {
         [a] => a.clone(),
         [init @ .., last] => format!("{} or {last}", init.join(", ")),
     }
+}
+
+/// "`a`, `b` and `c`"
+pub fn list_all(names: &[&str]) -> String {
+    list_names(names).replacen(" or ", " and ", 1)
 }
 
 /// A number as written by a person: `0.1`, `5e-4`, `3`.

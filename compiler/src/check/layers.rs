@@ -96,7 +96,7 @@ impl Checker<'_> {
             op_loc,
             b: &b,
         };
-        match op {
+        let built = match op {
             "conv" => self.conv(&ctx, input),
             "depthwise" => self.depthwise(&ctx, input),
             "pointwise" => {
@@ -219,7 +219,8 @@ impl Checker<'_> {
             }
             "linear" => self.linear(&ctx, input),
             _ => None,
-        }
+        };
+        built.filter(|_| b.ok)
     }
 
     /// The input, if it is a `[C, H, W]` feature map; E0404 otherwise.

@@ -802,7 +802,7 @@ impl Checker<'_> {
         let out = self.stmts(mb, scopes, &body, input);
         self.trace.pop();
         scopes.pop();
-        bound.and(out)
+        bound.filter(|b| b.ok).and(out)
     }
 }
 
