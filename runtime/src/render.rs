@@ -1,14 +1,230 @@
 //! Rendering front-end diagnostics for people (miette's graphical report) and for
-//! editors (JSON, one object per line). (Being written.)
+//! editors (JSON, one object per line).
+//!
+//! Both renderings are stable: the ui snapshot tests (`tests/ui/`) compare them
+//! byte for byte, and editors parse the JSON.
 
+use cnnc_compiler::diag::{Diag, DiagKind, LoadError};
 use cnnc_compiler::pipeline::Frontend;
+use miette::{
+    Diagnostic, GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource, Severity,
+    SourceCode,
+};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::fmt;
 
-/// Every diagnostic of `fe`, rendered for a terminal `width` columns wide.
-pub fn human(_fe: &Frontend, _width: usize, _color: bool) -> String {
-    String::new()
+/// Every diagnostic of `fe`, rendered for a terminal `width` columns wide, then a
+/// summary line (`error: 2 errors and 1 warning in 1 file`). Empty when there are
+/// no diagnostics.
+pub fn human(fe: &Frontend, width: usize, color: bool) -> String {
+    let theme = if color {
+        GraphicalTheme::unicode()
+    } else {
+        GraphicalTheme::unicode_nocolor()
+    };
+    let handler = GraphicalReportHandler::new_themed(theme)
+        .with_width(width)
+        .with_links(false)
+        .without_syntax_highlighting();
+
+    let mut out = String::new();
+    for diag in &fe.diags {
+        let located = Located {
+            diag,
+            source: diag.file.map(|id| {
+                let f = fe.sources.get(id);
+                NamedSource::new(&f.name, f.text.clone())
+            }),
+        };
+        let mut one = String::new();
+        if handler.render_report(&mut one, &located).is_err() {
+            // Rendering into a String only fails if a Display impl fails; fall back
+            // to the plain message rather than losing the diagnostic.
+            one = format!("{}: {diag}\n", diag.code_str());
+        }
+        // No trailing spaces (miette pads empty source lines): snapshots survive
+        // editors that strip them.
+        for line in one.trim_end().lines() {
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    if let Some(line) = summary_line(fe) {
+        if color {
+            let (word, rest) = line.split_once(':').unwrap_or((&line, ""));
+            let style = if word == "error" { "1;31" } else { "1;33" };
+            out.push_str(&format!("\x1b[{style}m{word}\x1b[0m:{rest}\n"));
+        } else {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// `error: 3 errors and 1 warning in 2 files`, `warning: 1 warning in 1 file`, or
+/// `None` without diagnostics. Files are those with at least one diagnostic.
+pub fn summary_line(fe: &Frontend) -> Option<String> {
+    if fe.diags.is_empty() {
+        return None;
+    }
+    let errors = fe.diags.iter().filter(|d| d.is_error()).count();
+    let warnings = fe.diags.len() - errors;
+    let files: BTreeSet<Option<String>> = fe.diags.iter().map(|d| file_name(fe, d)).collect();
+    let mut counts = Vec::new();
+    if errors > 0 {
+        counts.push(plural(errors, "error"));
+    }
+    if warnings > 0 {
+        counts.push(plural(warnings, "warning"));
+    }
+    let lead = if errors > 0 { "error" } else { "warning" };
+    Some(format!(
+        "{lead}: {} in {}",
+        counts.join(" and "),
+        plural(files.len(), "file")
+    ))
+}
+
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("{n} {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
+/// The name of the file a diagnostic belongs to: its source-map name, or for a
+/// load error the path that could not be read.
+fn file_name(fe: &Frontend, diag: &Diag) -> Option<String> {
+    match (diag.file, &diag.kind) {
+        (Some(id), _) => Some(fe.sources.get(id).name.clone()),
+        (None, DiagKind::Load(LoadError::CannotRead { path, .. }))
+        | (None, DiagKind::Load(LoadError::NotUtf8 { path, .. })) => Some(path.clone()),
+        (None, _) => None,
+    }
 }
 
 /// Every diagnostic of `fe` as JSON, one object per line.
-pub fn json(_fe: &Frontend) -> String {
-    String::new()
+///
+/// Fields: `code`, `severity` (`"error"`/`"warning"`), `message`, `file`, `start`,
+/// `end` (byte offsets of the primary label), `line`, `column`, `end_line`,
+/// `end_column` (1-based; columns count characters), `help` (string or null),
+/// `labels` (`[{message, start, end}]`). Diagnostics without a location (a file
+/// that could not be read) have null positions.
+pub fn json(fe: &Frontend) -> String {
+    let mut out = String::new();
+    for diag in &fe.diags {
+        // Serialising plain strings and numbers cannot fail.
+        if let Ok(line) = serde_json::to_string(&json_diag(fe, diag)) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// One line of `--message-format json`. The field order is the output order.
+#[derive(Serialize)]
+struct JsonDiag {
+    code: String,
+    severity: &'static str,
+    message: String,
+    file: Option<String>,
+    start: Option<usize>,
+    end: Option<usize>,
+    line: Option<usize>,
+    column: Option<usize>,
+    end_line: Option<usize>,
+    end_column: Option<usize>,
+    help: Option<String>,
+    labels: Vec<JsonLabel>,
+}
+
+#[derive(Serialize)]
+struct JsonLabel {
+    message: Option<String>,
+    start: usize,
+    end: usize,
+}
+
+fn json_diag(fe: &Frontend, diag: &Diag) -> JsonDiag {
+    let labels: Vec<LabeledSpan> = diag.labels().map(|l| l.collect()).unwrap_or_default();
+    let mut d = JsonDiag {
+        code: diag.code_str(),
+        severity: if diag.is_error() { "error" } else { "warning" },
+        message: diag.to_string(),
+        file: file_name(fe, diag),
+        start: None,
+        end: None,
+        line: None,
+        column: None,
+        end_line: None,
+        end_column: None,
+        help: diag.help().map(|h| h.to_string()),
+        labels: labels
+            .iter()
+            .map(|l| JsonLabel {
+                message: l.label().map(str::to_string),
+                start: l.offset(),
+                end: l.offset() + l.len(),
+            })
+            .collect(),
+    };
+    if let (Some(id), Some(first)) = (diag.file, labels.first()) {
+        let (start, end) = (first.offset(), first.offset() + first.len());
+        let (line, column) = fe.sources.line_col(id, start);
+        let (end_line, end_column) = fe.sources.line_col(id, end);
+        d.start = Some(start);
+        d.end = Some(end);
+        d.line = Some(line);
+        d.column = Some(column);
+        d.end_line = Some(end_line);
+        d.end_column = Some(end_column);
+    }
+    d
+}
+
+/// A diagnostic together with the source text its labels point into, which is
+/// what miette needs to draw the snippet.
+struct Located<'a> {
+    diag: &'a Diag,
+    source: Option<NamedSource<String>>,
+}
+
+impl fmt::Debug for Located<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.diag, f)
+    }
+}
+
+impl fmt::Display for Located<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self.diag, f)
+    }
+}
+
+impl std::error::Error for Located<'_> {}
+
+impl Diagnostic for Located<'_> {
+    fn code<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
+        self.diag.code()
+    }
+    fn severity(&self) -> Option<Severity> {
+        self.diag.severity()
+    }
+    fn help<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
+        self.diag.help()
+    }
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
+        // Labels without source text cannot be drawn; miette would print an error
+        // about the missing source instead of the diagnostic.
+        self.source.as_ref()?;
+        self.diag.labels()
+    }
+    fn source_code(&self) -> Option<&dyn SourceCode> {
+        self.source.as_ref().map(|s| s as &dyn SourceCode)
+    }
 }
