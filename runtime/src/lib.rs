@@ -1,4 +1,8 @@
 //! The `cnnc` command line: argument parsing, diagnostic rendering, and the
 //! subcommands. (The training runtime joins this crate in a later stage.)
 
+pub mod cli;
+pub mod codes;
+pub mod commands;
+pub mod dump;
 pub mod render;

@@ -1,0 +1,135 @@
+//! The `cnnc` command line's arguments (clap derive). What each subcommand does is
+//! in `commands.rs`; this file is the contract scripts rely on.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+const LONG_ABOUT: &str = "\
+cnnc compiles declarative CNN model files (.cnn): it checks them, shows what each \
+compiler stage made of them and explains its diagnostics.
+
+Exit codes:
+  0  success (warnings may have been printed)
+  1  the input is wrong: diagnostics were printed
+  2  usage error: unknown command, bad option or argument
+  3  internal error: a bug in cnnc";
+
+#[derive(Debug, Parser)]
+#[command(name = "cnnc", version, about = "The .cnn model compiler", long_about = LONG_ABOUT)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// When to colour diagnostics: `auto` colours them when stderr is a terminal
+    /// and NO_COLOR is not set.
+    #[arg(long, value_enum, default_value_t = Color::Auto, global = true)]
+    pub color: Color,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Parse, resolve and shape-check files; print each model's layer table, or
+    /// every diagnostic.
+    Check(CheckArgs),
+    /// Show what a compiler stage produced for a file.
+    Dump(DumpArgs),
+    /// Print the long explanation of a diagnostic code (e.g. `E0401`).
+    ExplainCode(ExplainCodeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The `.cnn` files to check.
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<PathBuf>,
+
+    /// `human`: diagnostics on stderr, layer tables on stdout. `json`: one JSON
+    /// object per diagnostic per line on stdout, for editors and scripts.
+    #[arg(long, value_enum, default_value_t = MessageFormat::Human)]
+    pub message_format: MessageFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    /// The stage whose output to show.
+    #[arg(long, value_enum)]
+    pub stage: Stage,
+
+    /// The `.cnn` file.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainCodeArgs {
+    /// The code, as printed with a diagnostic (`E0401`, `W0002`; case does not
+    /// matter).
+    #[arg(value_name = "CODE", required_unless_present = "list")]
+    pub code: Option<String>,
+
+    /// List every code with a one-line title.
+    #[arg(long, conflicts_with = "code")]
+    pub list: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MessageFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+/// The stages `cnnc dump` knows, in pipeline order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Stage {
+    /// The syntax tree, one node per line with byte spans.
+    Ast,
+    /// The checked model (blocks expanded, every shape known), as JSON.
+    Checked,
+    /// The graph IR (not built yet).
+    Graph,
+    /// The training graph after autodiff (not built yet).
+    Grad,
+    /// The fused kernel plan (not built yet).
+    Plan,
+    /// The Cranelift IR of each kernel (not built yet).
+    Clif,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Ast => "ast",
+            Stage::Checked => "checked",
+            Stage::Graph => "graph",
+            Stage::Grad => "grad",
+            Stage::Plan => "plan",
+            Stage::Clif => "clif",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_documents_exit_codes() {
+        let help = Cli::command().render_long_help().to_string();
+        for code in ["0  success", "1  the input", "2  usage", "3  internal"] {
+            assert!(help.contains(code), "missing `{code}` in:\n{help}");
+        }
+    }
+}

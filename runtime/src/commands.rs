@@ -1,0 +1,210 @@
+//! What each `cnnc` subcommand does. Every function returns the process exit code
+//! (see [`exit`]); nothing here panics on user input: unreadable or wrong files
+//! become diagnostics, and stdout closing early (`cnnc … | head`) is not an error.
+
+use crate::cli::{CheckArgs, Cli, Color, Command, DumpArgs, ExplainCodeArgs, MessageFormat, Stage};
+use crate::{codes, dump, render};
+use cnnc_compiler::diag::{Diag, DiagKind};
+use cnnc_compiler::pipeline::{self, FileResult, Frontend};
+use std::io::{IsTerminal, Write};
+
+/// Exit codes, the same for every subcommand (also listed in `cnnc --help`).
+pub mod exit {
+    /// Success; warnings may have been printed.
+    pub const OK: i32 = 0;
+    /// The user's input is wrong; diagnostics were printed.
+    pub const USER: i32 = 1;
+    /// Usage error (clap uses this code for bad arguments too).
+    pub const USAGE: i32 = 2;
+    /// A bug in cnnc.
+    pub const INTERNAL: i32 = 3;
+}
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> i32 {
+    let color = use_color(cli.color);
+    match cli.command {
+        Command::Check(args) => check(&args, color),
+        Command::Dump(args) => dump(&args, color),
+        Command::ExplainCode(args) => explain_code(&args),
+    }
+}
+
+fn check(args: &CheckArgs, color: bool) -> i32 {
+    let fe = pipeline::check_paths(&args.files);
+    match args.message_format {
+        MessageFormat::Json => print_out(&render::json(&fe)),
+        MessageFormat::Human => {
+            print_err(&render::human(&fe, stderr_width(), color));
+            let checked: Vec<&FileResult> =
+                fe.files.iter().filter(|f| f.checked.is_some()).collect();
+            let many = fe.files.len() > 1;
+            for (i, file) in checked.iter().enumerate() {
+                let Some(c) = &file.checked else { continue };
+                let table = cnnc_compiler::summary::render(c);
+                let mut text = String::new();
+                if i > 0 {
+                    text.push('\n');
+                }
+                if many {
+                    text.push_str(&format!("{}:\n", file.name));
+                }
+                text.push_str(&table);
+                if !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                print_out(&text);
+            }
+        }
+    }
+    if fe.has_errors() {
+        exit::USER
+    } else {
+        exit::OK
+    }
+}
+
+fn dump(args: &DumpArgs, color: bool) -> i32 {
+    match args.stage {
+        Stage::Ast => dump_ast(args, color),
+        Stage::Checked => dump_checked(args, color),
+        later => {
+            print_err(&format!(
+                "error: stage `{}` is built by a later version of cnnc\n\
+                 note: the stages available now are `ast` and `checked`\n",
+                later.name()
+            ));
+            exit::USAGE
+        }
+    }
+}
+
+/// Parses only: the tree is what the parser made, before any checking.
+fn dump_ast(args: &DumpArgs, color: bool) -> i32 {
+    let mut fe = Frontend::default();
+    let name = args.file.display().to_string();
+    let text = match pipeline::read_source(&args.file) {
+        Ok(text) => text,
+        Err(e) => {
+            fe.diags.push(Diag::new(None, DiagKind::Load(e)));
+            print_err(&render::human(&fe, stderr_width(), color));
+            return exit::USER;
+        }
+    };
+    let parsed = cnnc_grammar::parse(&text);
+    let id = fe
+        .sources
+        .add(name, std::fs::canonicalize(&args.file).ok(), text);
+    fe.diags.extend(
+        parsed
+            .errors
+            .into_iter()
+            .map(|e| Diag::new(Some(id), DiagKind::Syntax(e))),
+    );
+    if !fe.diags.is_empty() {
+        print_err(&render::human(&fe, stderr_width(), color));
+        return exit::USER;
+    }
+    print_out(&dump::ast(&parsed.file));
+    exit::OK
+}
+
+fn dump_checked(args: &DumpArgs, color: bool) -> i32 {
+    let fe = pipeline::check_paths(std::slice::from_ref(&args.file));
+    print_err(&render::human(&fe, stderr_width(), color));
+    if fe.has_errors() {
+        return exit::USER;
+    }
+    let Some(checked) = fe.files.first().and_then(|f| f.checked.as_ref()) else {
+        return internal_error(&format!(
+            "the check stage gave no result and no error for `{}`",
+            args.file.display()
+        ));
+    };
+    match serde_json::to_string_pretty(checked) {
+        Ok(json) => {
+            print_out(&json);
+            print_out("\n");
+            exit::OK
+        }
+        Err(e) => internal_error(&format!("cannot serialise the checked model: {e}")),
+    }
+}
+
+fn explain_code(args: &ExplainCodeArgs) -> i32 {
+    if args.list {
+        let width = codes::ALL.iter().map(|c| c.code.len()).max().unwrap_or(0);
+        let mut text = String::new();
+        for c in codes::ALL {
+            text.push_str(&format!("{:width$}  {}\n", c.code, c.title));
+        }
+        print_out(&text);
+        return exit::OK;
+    }
+    let wanted = args.code.as_deref().unwrap_or_default();
+    if let Some(c) = codes::find(wanted) {
+        print_out(&codes::explain(c));
+        return exit::OK;
+    }
+    let mut msg = format!("error: unknown code `{wanted}`\n");
+    match codes::suggest(wanted) {
+        Some(c) => msg.push_str(&format!("help: did you mean `{}`? ({})\n", c.code, c.title)),
+        None => msg.push_str("help: `cnnc explain-code --list` lists every code\n"),
+    }
+    print_err(&msg);
+    exit::USER
+}
+
+/// The message a panic would print, for an inconsistency found without one.
+fn internal_error(msg: &str) -> i32 {
+    print_err(&internal_error_text(msg));
+    exit::INTERNAL
+}
+
+/// `error: internal error: …` plus the note asking for a report; the panic hook
+/// prints the same text.
+pub fn internal_error_text(msg: &str) -> String {
+    format!(
+        "error: internal error: {msg}\n\
+         note: this is a bug in cnnc; please report it with the file that caused it\n"
+    )
+}
+
+/// Whether to colour what goes to stderr.
+pub fn use_color(choice: Color) -> bool {
+    match choice {
+        Color::Always => true,
+        Color::Never => false,
+        Color::Auto => {
+            // https://no-color.org: set and non-empty disables colour.
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            std::io::stderr().is_terminal() && !no_color
+        }
+    }
+}
+
+/// Columns to wrap diagnostics at: the terminal's width, else `$COLUMNS`, else 100.
+fn stderr_width() -> usize {
+    let stderr = std::io::stderr();
+    if stderr.is_terminal() {
+        if let Some((terminal_size::Width(w), _)) = terminal_size::terminal_size_of(&stderr) {
+            return usize::from(w).max(40);
+        }
+    }
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse::<usize>().ok())
+        .filter(|w| *w >= 40)
+        .unwrap_or(100)
+}
+
+/// Writes to stdout. A closed pipe (`cnnc … | head -1`) ends the output quietly.
+fn print_out(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+fn print_err(text: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(text.as_bytes()).and_then(|()| err.flush());
+}
