@@ -40,7 +40,8 @@ pub fn suggest(code: &str) -> Option<&'static Code> {
 /// The long form printed by `cnnc explain-code CODE`.
 pub fn explain(c: &Code) -> String {
     // When the title is the doc's first sentence, do not say it twice.
-    let header = if c.doc.starts_with(c.title) {
+    let doc_one_line = c.doc.split_whitespace().collect::<Vec<_>>().join(" ");
+    let header = if doc_one_line.starts_with(c.title) {
         format!("{} ({})", c.code, c.severity)
     } else {
         format!("{} ({}): {}", c.code, c.severity, c.title)
@@ -63,6 +64,20 @@ mod tests {
         }
         assert!(find("E0101").is_some(), "the syntax codes are scanned");
         assert!(find("e0001").is_some(), "lookup ignores case");
+    }
+
+    #[test]
+    fn explain_does_not_repeat_a_title_taken_from_the_doc() {
+        for c in ALL {
+            let text = explain(c);
+            let first_line = text.lines().next().unwrap_or_default();
+            let doc_start: String = c.doc.chars().take(20).collect();
+            assert!(
+                !(first_line.contains(':') && first_line.contains(&doc_start)),
+                "{} says its title twice:\n{text}",
+                c.code
+            );
+        }
     }
 
     #[test]
