@@ -159,13 +159,30 @@ impl<'s> Builder<'s> {
             Some(t) if t == "\n" || t == "\r\n" => "unexpected end of line".to_string(),
             Some(t) => format!("unexpected `{t}`"),
         };
+        if expected.is_empty() {
+            // pest records no expectation when only whitespace was tried at the
+            // furthest position (e.g. `maxpool(2 2)`): inside brackets, a
+            // separator or the closing bracket is what was missing.
+            match innermost_open(&self.src[offset..pos]) {
+                Some('(') => expected = vec!["`,`".into(), "`)`".into()],
+                Some('[') => expected = vec!["`,`".into(), "`]`".into()],
+                _ => {}
+            }
+        }
+        // In argument lists "a name" (of a named argument) and `[` (a list) are
+        // kinds of value.
+        if expected.iter().any(|e| e == "a value") {
+            expected.retain(|e| e != "a name" && e != "`[`");
+        }
         let label = if expected.is_empty() {
             "not expected here".to_string()
         } else {
             format!("expected {}", join_or(&expected))
         };
         let len = found.as_ref().map_or(0, |t| t.len());
-        let help = self.unclosed_hint(pos);
+        let help = self
+            .unclosed_hint(pos)
+            .or_else(|| keyword_typo(found.as_deref(), &expected));
         SyntaxError::Unexpected {
             message,
             span: (pos, len).into(),
@@ -622,6 +639,49 @@ fn describe_rule(r: Rule) -> Option<&'static str> {
         Rule::EOI => "end of file",
         _ => return None,
     })
+}
+
+/// The innermost bracket left open in `text` (strings and comments ignored).
+fn innermost_open(text: &str) -> Option<char> {
+    let mut stack = Vec::new();
+    let mut in_str = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (in_str, c) {
+            (true, '\\') => {
+                chars.next();
+            }
+            (true, '"') => in_str = false,
+            (true, _) => {}
+            (false, '"') => in_str = true,
+            (false, '#') => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            (false, '(' | '[' | '{') => stack.push(c),
+            (false, ')' | ']' | '}') => {
+                stack.pop();
+            }
+            _ => {}
+        }
+    }
+    stack.pop()
+}
+
+/// "did you mean `train`?" when a misspelt keyword stands where keywords were expected.
+fn keyword_typo(found: Option<&str>, expected: &[String]) -> Option<String> {
+    let word = found?;
+    expected
+        .iter()
+        .filter_map(|e| e.strip_prefix('`')?.strip_suffix('`'))
+        .filter(|k| k.len() > 2 && k.chars().all(|c| c.is_ascii_lowercase()))
+        .map(|k| (strsim::damerau_levenshtein(word, k), k))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, k)| format!("did you mean `{k}`?"))
 }
 
 fn join_or(items: &[String]) -> String {
