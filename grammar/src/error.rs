@@ -12,11 +12,8 @@ pub enum SyntaxError {
     /// and what it would have accepted there. Every broken statement in a file is
     /// reported, not only the first.
     ///
-    /// Example:
-    ///
-    ///     conv c1(16,, kernel=3)
-    ///
-    /// Fix: remove the doubled comma. Statements end at a newline or `;`; inside
+    /// Example: `conv c1(16,, kernel=3)` — remove the doubled comma.
+    /// Statements end at a newline or `;`; inside
     /// `(...)` and `[...]` newlines are allowed.
     #[error("{message}")]
     #[diagnostic(code(E0101))]

@@ -6,6 +6,7 @@
 pub mod ast;
 mod error;
 mod parse;
+pub mod pretty;
 
 pub use error::SyntaxError;
 pub use parse::{parse, Parsed};

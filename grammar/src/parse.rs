@@ -612,6 +612,7 @@ fn ident(p: Pair<'_, Rule>) -> Ident {
 fn describe_rule(r: Rule) -> Option<&'static str> {
     Some(match r {
         Rule::ident | Rule::layer_name => "a name",
+        Rule::split_name => "`train` or `test`",
         Rule::name | Rule::call | Rule::list => "a value",
         Rule::dec_int | Rule::hex_int | Rule::bin_int | Rule::oct_int | Rule::float => "a number",
         Rule::string => "a string",

@@ -3,7 +3,7 @@
 //! become diagnostics, and stdout closing early (`cnnc … | head`) is not an error.
 
 use crate::cli::{CheckArgs, Cli, Color, Command, DumpArgs, ExplainCodeArgs, MessageFormat, Stage};
-use crate::{codes, dump, render};
+use crate::{codes, render};
 use cnnc_compiler::diag::{Diag, DiagKind};
 use cnnc_compiler::pipeline::{self, FileResult, Frontend};
 use std::io::{IsTerminal, Write};
@@ -105,7 +105,7 @@ fn dump_ast(args: &DumpArgs, color: bool) -> i32 {
         print_err(&render::human(&fe, stderr_width(), color));
         return exit::USER;
     }
-    print_out(&dump::ast(&parsed.file));
+    print_out(&cnnc_grammar::pretty::ast(&parsed.file));
     exit::OK
 }
 

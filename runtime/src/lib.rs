@@ -4,5 +4,4 @@
 pub mod cli;
 pub mod codes;
 pub mod commands;
-pub mod dump;
 pub mod render;

@@ -1,4 +1,4 @@
-//! `cnnc dump --stage=ast`: the syntax tree as readable text, one node per line,
+//! The syntax tree as readable text (`cnnc dump --stage=ast`): one node per line,
 //! children indented by two spaces, each line ending in its byte span `@start..end`.
 //! Values (arguments, shapes, settings) are printed inline in source syntax.
 //!
@@ -10,7 +10,7 @@
 //!     arg kernel=3 @82..90
 //! ```
 
-use cnnc_grammar::ast::*;
+use crate::ast::*;
 use std::fmt::Write as _;
 
 /// The tree of a parsed file.
@@ -218,7 +218,7 @@ mod tests {
     #[test]
     fn prints_one_node_per_line_with_spans() {
         let src = "model M {\n  input x: [1, 8, 8]\n  conv c1(4, kernel=3) from x\n  repeat 2 { relu }\n}\n";
-        let parsed = cnnc_grammar::parse(src);
+        let parsed = crate::parse(src);
         assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
         let text = ast(&parsed.file);
         let lines: Vec<&str> = text.lines().collect();
