@@ -7,6 +7,7 @@
 pub mod check;
 pub mod checked;
 pub mod diag;
+pub mod params;
 pub mod pipeline;
 pub mod source;
 pub mod summary;
