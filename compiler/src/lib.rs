@@ -7,6 +7,8 @@
 pub mod check;
 pub mod checked;
 pub mod diag;
+pub mod interp;
+pub mod ir;
 pub mod params;
 pub mod pipeline;
 pub mod source;
