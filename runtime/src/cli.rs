@@ -92,9 +92,9 @@ pub enum Stage {
     Ast,
     /// The checked model (blocks expanded, every shape known), as JSON.
     Checked,
-    /// The graph IR (not built yet).
+    /// The training graph IR before autodiff (forward pass and loss).
     Graph,
-    /// The training graph after autodiff (not built yet).
+    /// The training graph after autodiff (with the backward pass).
     Grad,
     /// The fused kernel plan (not built yet).
     Plan,

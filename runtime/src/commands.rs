@@ -68,10 +68,11 @@ fn dump(args: &DumpArgs, color: bool) -> i32 {
     match args.stage {
         Stage::Ast => dump_ast(args, color),
         Stage::Checked => dump_checked(args, color),
+        Stage::Graph | Stage::Grad => dump_graph(args, color),
         later => {
             print_err(&format!(
                 "error: stage `{}` is built by a later version of cnnc\n\
-                 note: the stages available now are `ast` and `checked`\n",
+                 note: the stages available now are `ast`, `checked`, `graph` and `grad`\n",
                 later.name()
             ));
             exit::USAGE
@@ -106,6 +107,39 @@ fn dump_ast(args: &DumpArgs, color: bool) -> i32 {
         return exit::USER;
     }
     print_out(&cnnc_grammar::pretty::ast(&parsed.file));
+    exit::OK
+}
+
+/// The training graph at the file's batch size: before autodiff (`graph`) or
+/// after it (`grad`).
+fn dump_graph(args: &DumpArgs, color: bool) -> i32 {
+    use cnnc_compiler::checked::Loss;
+    use cnnc_compiler::ir::{lower, text};
+    let fe = pipeline::check_paths(std::slice::from_ref(&args.file));
+    print_err(&render::human(&fe, stderr_width(), color));
+    if fe.has_errors() {
+        return exit::USER;
+    }
+    let Some(checked) = fe.files.first().and_then(|f| f.checked.as_ref()) else {
+        return internal_error("the check stage gave no result and no error");
+    };
+    let Some(model) = &checked.model else {
+        print_err(&format!("error: `{}` has no model to lower\n", args.file.display()));
+        return exit::USER;
+    };
+    let (batch, smoothing) = match &checked.train {
+        Some(t) => {
+            let Loss::CrossEntropy { smoothing } = t.loss;
+            (t.batch as usize, smoothing)
+        }
+        None => (cnnc_compiler::summary::DEFAULT_BATCH as usize, 0.0),
+    };
+    let g = if args.stage == Stage::Graph {
+        lower::loss_graph(model, batch, smoothing)
+    } else {
+        lower::train_graph(model, batch, smoothing)
+    };
+    print_out(&text::print(&g));
     exit::OK
 }
 

@@ -196,43 +196,42 @@ fn pool(k: &[u64; 2], s: &[u64; 2], p: &[u64; 2]) -> PoolAttrs {
     }
 }
 
-/// The training step: forward in training mode, mean cross-entropy, the gradient
-/// of every trainable parameter, and the new running statistics.
-pub fn train_graph(m: &CheckedModel, batch: usize, smoothing: f64) -> Graph {
+/// The training forward pass and its loss, before autodiff: outputs `loss`,
+/// `correct` and the running-stat updates.
+pub fn loss_graph(m: &CheckedModel, batch: usize, smoothing: f64) -> Graph {
     let f = forward(m, Mode::Train, batch, "train");
     let mut g = f.graph;
     let labels = g.add_value("labels", vec![batch], Role::Input);
-    let lp = g.push(
-        Op::SoftmaxXent { smoothing },
-        &[f.logits, labels],
-        Some("loss"),
-    );
+    let lp = g.push(Op::SoftmaxXent { smoothing }, &[f.logits, labels], Some("loss"));
     let correct = g.push1(Op::CountCorrect, &[f.logits, labels], Some("loss"));
-    let frozen: Vec<String> = param_specs(m)
-        .into_iter()
-        .filter(|p| !p.trainable)
-        .map(|p| p.name)
-        .collect();
+    let mut outputs = vec![("loss".to_string(), lp[0]), ("correct".to_string(), correct)];
+    outputs.append(&mut g.outputs);
+    g.outputs = outputs;
+    verify::debug_verify(&g, "lowering");
+    g
+}
+
+/// The training step: [`loss_graph`] plus the gradient of every trainable
+/// parameter (`grad:<name>`, after `loss` and `correct`).
+pub fn train_graph(m: &CheckedModel, batch: usize, smoothing: f64) -> Graph {
+    let mut g = loss_graph(m, batch, smoothing);
+    let loss = g.output("loss").expect("loss_graph has a loss");
+    let frozen: Vec<String> = param_specs(m).into_iter().filter(|p| !p.trainable).map(|p| p.name).collect();
     let wrt: Vec<Vid> = g
         .with_role(Role::Param)
         .filter(|v| !frozen.contains(&g.values[v.0].name))
         .collect();
-    let grads = backward(&mut g, &[Seed::One(lp[0])], &wrt);
-    let mut outputs = vec![
-        ("loss".to_string(), lp[0]),
-        ("correct".to_string(), correct),
-    ];
+    let grads = backward(&mut g, &[Seed::One(loss)], &wrt);
+    let mut grad_outputs = Vec::new();
     for (p, gr) in wrt.iter().zip(grads) {
-        let name = format!("grad:{}", g.values[p.0].name);
         // A parameter that does not influence the loss (e.g. behind `detach`) gets
         // no gradient output; the runtime treats it as zero.
         if let Some(gr) = gr {
-            outputs.push((name, gr));
+            grad_outputs.push((format!("grad:{}", g.values[p.0].name), gr));
         }
     }
-    outputs.append(&mut g.outputs);
-    g.outputs = outputs;
-    verify::debug_verify(&g, "lowering and autodiff");
+    g.outputs.splice(2..2, grad_outputs);
+    verify::debug_verify(&g, "autodiff");
     g
 }
 
