@@ -82,8 +82,8 @@ pub struct Layer {
     pub frozen: bool,
     /// The statement that made this layer.
     pub loc: Loc,
-    /// Where the enclosing block instances were used, innermost first.
-    pub trace: Vec<Loc>,
+    /// The enclosing block instances, outermost first: (block, where it was used).
+    pub trace: Vec<(String, Loc)>,
 }
 
 /// Height and width of a 2-D parameter.

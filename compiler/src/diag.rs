@@ -49,6 +49,9 @@ pub struct Diag {
     pub kind: DiagKind,
     /// Context lines added to the help, e.g. "in block `residual` used at a.cnn:12:3".
     pub notes: Vec<String>,
+    /// Replaces the stage error's labels: an error inside a standard-library block
+    /// is shown at the block's use in the user's file (which `file` then names).
+    pub site: Option<(usize, usize, String)>,
 }
 
 impl Diag {
@@ -57,6 +60,7 @@ impl Diag {
             file,
             kind,
             notes: Vec::new(),
+            site: None,
         }
     }
 
@@ -86,7 +90,7 @@ impl Diag {
 
     /// The first label's byte range, if any.
     pub fn primary_span(&self) -> Option<(usize, usize)> {
-        let mut labels = self.inner().labels()?;
+        let mut labels = Diagnostic::labels(self)?;
         let l = labels.next()?;
         Some((l.offset(), l.offset() + l.len()))
     }
@@ -117,6 +121,13 @@ impl Diagnostic for Diag {
         Some(Box::new(lines.join("\n")))
     }
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
-        self.inner().labels()
+        match &self.site {
+            Some((start, end, label)) => Some(Box::new(std::iter::once(LabeledSpan::new(
+                Some(label.clone()),
+                *start,
+                end - start,
+            )))),
+            None => self.inner().labels(),
+        }
     }
 }

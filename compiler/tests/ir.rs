@@ -12,11 +12,17 @@ use cnnc_compiler::pipeline::check_paths;
 use std::path::{Path, PathBuf};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn cnn_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     entries.sort();
     for p in entries {
         if p.is_dir() {
@@ -32,7 +38,11 @@ fn round_trip(g: &Graph, what: &str) {
     let text = print(g);
     let back = parse(&text).unwrap_or_else(|e| panic!("{what}: {e}\n{text}"));
     verify(&back).unwrap_or_else(|e| panic!("{what} (parsed): {e:?}"));
-    assert_eq!(print(&back), text, "{what}: printing the parsed graph changes it");
+    assert_eq!(
+        print(&back),
+        text,
+        "{what}: printing the parsed graph changes it"
+    );
 }
 
 #[test]
@@ -46,9 +56,15 @@ fn every_example_lowers_and_its_graphs_round_trip() {
         let model = fe.files[0].checked.as_ref().unwrap().model.clone().unwrap();
         let name = path.display();
         round_trip(&loss_graph(&model, 4, 0.1), &format!("{name}: loss graph"));
-        round_trip(&train_graph(&model, 4, 0.1), &format!("{name}: training graph"));
+        round_trip(
+            &train_graph(&model, 4, 0.1),
+            &format!("{name}: training graph"),
+        );
         round_trip(&eval_graph(&model, 3), &format!("{name}: eval graph"));
-        round_trip(&input_grad_graph(&model, 2), &format!("{name}: input-gradient graph"));
+        round_trip(
+            &input_grad_graph(&model, 2),
+            &format!("{name}: input-gradient graph"),
+        );
     }
 }
 
@@ -68,7 +84,11 @@ fn run_pass_test(path: &Path, bless: bool) -> Result<(), String> {
     }
     let mut g = parse(input)?;
     verify(&g).map_err(|e| format!("input graph: {e:?}"))?;
-    let find = |g: &Graph, n: &str| g.value_by_name(n).or_else(|| g.output(n)).ok_or(format!("no value `{n}`"));
+    let find = |g: &Graph, n: &str| {
+        g.value_by_name(n)
+            .or_else(|| g.output(n))
+            .ok_or(format!("no value `{n}`"))
+    };
     let seed = header("seed").ok_or("missing `# seed:`")?;
     let seed = match seed.split_once(" with ") {
         Some((v, gr)) => Seed::Value(find(&g, v.trim())?, find(&g, gr.trim())?),
@@ -101,13 +121,25 @@ fn run_pass_test(path: &Path, bless: bool) -> Result<(), String> {
 #[test]
 fn pass_tests() {
     let dir = repo().join("compiler/tests/passes");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "ir")).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ir"))
+        .collect();
     files.sort();
-    assert!(files.len() >= 5, "expected the pass tests in {}", dir.display());
+    assert!(
+        files.len() >= 5,
+        "expected the pass tests in {}",
+        dir.display()
+    );
     let bless = std::env::var_os("CNNC_BLESS").is_some();
     let failures: Vec<String> = files
         .iter()
-        .filter_map(|f| run_pass_test(f, bless).err().map(|e| format!("{}: {e}", f.display())))
+        .filter_map(|f| {
+            run_pass_test(f, bless)
+                .err()
+                .map(|e| format!("{}: {e}", f.display()))
+        })
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }

@@ -377,13 +377,26 @@ impl<'s> Builder<'s> {
                 r => unreachable!("layer: unexpected rule {r:?}"),
             }
         }
+        // pest's span includes a trailing comment tried by the optional parts;
+        // end the statement at its last token instead.
+        let op = op.unwrap();
+        let end = [
+            Some(op.span.end),
+            name.as_ref().map(|n| n.span.end),
+            args.as_ref().map(|a| a.span.end),
+            from.as_ref().map(|f| f.span.end),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(span.end);
         LayerStmt {
             frozen,
-            op: op.unwrap(),
+            op,
             name,
             args,
             from,
-            span,
+            span: Span::new(span.start, end),
         }
     }
 
@@ -455,6 +468,18 @@ impl<'s> Builder<'s> {
                 r => unreachable!("directive: unexpected rule {r:?}"),
             }
         }
+        let end = [
+            Some(d.method.span.end),
+            d.args.as_ref().map(|a| a.span.end),
+            d.options.iter().map(|o| o.span.end).max(),
+            d.on.iter().map(|o| o.span.end).max(),
+            d.outputs.iter().map(|o| o.span.end).max(),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(d.span.end);
+        d.span = Span::new(d.span.start, end);
         d
     }
 

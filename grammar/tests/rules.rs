@@ -98,7 +98,7 @@ fn comments_of_all_kinds() {
         "# hash\n// slashes\nmodel /* inline */ M { # after\n  relu // end\n}\n",
         expect![[r#"
             model M @18..64
-              layer relu @51..62
+              layer relu @51..55
         "#]],
     );
 }
@@ -158,11 +158,11 @@ fn statements_separated_by_semicolons() {
     check(
         "model M { relu; tanh; sigmoid }",
         expect![[r#"
-        model M @0..31
-          layer relu @10..14
-          layer tanh @16..20
-          layer sigmoid @22..30
-    "#]],
+            model M @0..31
+              layer relu @10..14
+              layer tanh @16..20
+              layer sigmoid @22..29
+        "#]],
     );
 }
 
@@ -187,7 +187,7 @@ fn repeat_nests() {
             model M @0..50
               repeat 2 @12..48
                 repeat n @27..44
-                  layer relu @38..43
+                  layer relu @38..42
         "#]],
     );
 }

@@ -124,7 +124,10 @@ fn dump_graph(args: &DumpArgs, color: bool) -> i32 {
         return internal_error("the check stage gave no result and no error");
     };
     let Some(model) = &checked.model else {
-        print_err(&format!("error: `{}` has no model to lower\n", args.file.display()));
+        print_err(&format!(
+            "error: `{}` has no model to lower\n",
+            args.file.display()
+        ));
         return exit::USER;
     };
     let (batch, smoothing) = match &checked.train {

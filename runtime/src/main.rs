@@ -5,6 +5,11 @@
 use clap::Parser;
 use cnnc_runtime::cli::Cli;
 use cnnc_runtime::commands::{self, exit};
+use std::sync::Mutex;
+
+/// The message of the last panic, kept by the hook for the report in `main`
+/// (a panic caught on purpose, e.g. by the diagnostic renderer, prints nothing).
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
 
 fn main() {
     std::panic::set_hook(Box::new(|info| {
@@ -18,12 +23,24 @@ fn main() {
             Some(at) => format!("{msg} (at {}:{})", at.file(), at.line()),
             None => msg,
         };
-        eprint!("{}", commands::internal_error_text(&msg));
-        std::process::exit(exit::INTERNAL);
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = Some(msg);
+        }
     }));
-    if std::env::var_os("CNNC_TEST_PANIC").is_some() {
-        panic!("CNNC_TEST_PANIC is set");
-    }
-    let cli = Cli::parse();
-    std::process::exit(commands::run(cli));
+    let code = std::panic::catch_unwind(|| {
+        if std::env::var_os("CNNC_TEST_PANIC").is_some() {
+            panic!("CNNC_TEST_PANIC is set");
+        }
+        commands::run(Cli::parse())
+    })
+    .unwrap_or_else(|_| {
+        let msg = LAST_PANIC
+            .lock()
+            .ok()
+            .and_then(|m| m.clone())
+            .unwrap_or_else(|| "unknown panic".into());
+        eprint!("{}", commands::internal_error_text(&msg));
+        exit::INTERNAL
+    });
+    std::process::exit(code);
 }

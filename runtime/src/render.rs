@@ -23,9 +23,13 @@ pub fn human(fe: &Frontend, width: usize, color: bool) -> String {
     } else {
         GraphicalTheme::unicode_nocolor()
     };
+    // Wrap help text at spaces only: paths (`std/blocks.cnn`) and arithmetic
+    // (`3*(3-1)`) stay whole, so they can be copied.
     let handler = GraphicalReportHandler::new_themed(theme)
         .with_width(width)
         .with_links(false)
+        .with_word_separator(textwrap::WordSeparator::AsciiSpace)
+        .with_word_splitter(textwrap::WordSplitter::NoHyphenation)
         .without_syntax_highlighting();
 
     let mut out = String::new();
@@ -37,12 +41,16 @@ pub fn human(fe: &Frontend, width: usize, color: bool) -> String {
                 NamedSource::new(&f.name, f.text.clone())
             }),
         };
-        let mut one = String::new();
-        if handler.render_report(&mut one, &located).is_err() {
-            // Rendering into a String only fails if a Display impl fails; fall back
-            // to the plain message rather than losing the diagnostic.
-            one = format!("{}: {diag}\n", diag.code_str());
-        }
+        // miette can fail (or, on extreme lines, panic) while laying out a
+        // snippet: fall back to a plain line rather than losing the diagnostic.
+        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut one = String::new();
+            handler.render_report(&mut one, &located).ok().map(|_| one)
+        }));
+        let one = match rendered {
+            Ok(Some(one)) => one,
+            _ => plain(fe, diag),
+        };
         // No trailing spaces (miette pads empty source lines): snapshots survive
         // editors that strip them.
         for line in one.trim_end().lines() {
@@ -60,6 +68,22 @@ pub fn human(fe: &Frontend, width: usize, color: bool) -> String {
             out.push_str(&line);
             out.push('\n');
         }
+    }
+    out
+}
+
+/// `E0401 file:line:col: message` and the help, when the graphical report fails.
+fn plain(fe: &Frontend, diag: &Diag) -> String {
+    let at = match (diag.file, diag.primary_span()) {
+        (Some(id), Some((start, _))) => {
+            let (l, c) = fe.sources.line_col(id, start);
+            format!("{}:{l}:{c}: ", fe.sources.get(id).name)
+        }
+        _ => String::new(),
+    };
+    let mut out = format!("{} {at}{diag}\n", diag.code_str());
+    if let Some(help) = miette::Diagnostic::help(diag) {
+        out.push_str(&format!("  help: {help}\n"));
     }
     out
 }

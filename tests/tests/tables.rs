@@ -6,11 +6,17 @@ use cnnc_compiler::pipeline::check_paths;
 use std::path::{Path, PathBuf};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn cnn_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     entries.sort();
     for p in entries {
         if p.is_dir() {
@@ -27,7 +33,10 @@ fn examples_and_stdlib_check_and_match_their_tables() {
     let mut files = Vec::new();
     cnn_files(&root.join("examples"), &mut files);
     cnn_files(&root.join("stdlib"), &mut files);
-    assert!(files.len() >= 8, "expected the examples and stdlib, found {files:?}");
+    assert!(
+        files.len() >= 8,
+        "expected the examples and stdlib, found {files:?}"
+    );
     let bless = std::env::var_os("CNNC_BLESS").is_some();
     let mut failures = Vec::new();
     for path in &files {
@@ -35,7 +44,10 @@ fn examples_and_stdlib_check_and_match_their_tables() {
         let fe = check_paths(std::slice::from_ref(path));
         if !fe.diags.is_empty() {
             let rendered = cnnc_runtime::render::human(&fe, 100, false);
-            failures.push(format!("{}: expected no diagnostics, got:\n{rendered}", rel.display()));
+            failures.push(format!(
+                "{}: expected no diagnostics, got:\n{rendered}",
+                rel.display()
+            ));
             continue;
         }
         let checked = fe.files[0].checked.as_ref().expect("no errors, so checked");
@@ -56,5 +68,11 @@ fn examples_and_stdlib_check_and_match_their_tables() {
             Err(_) => failures.push(format!("{}: no golden table at {} (CNNC_BLESS=1 to create)", rel.display(), golden.display())),
         }
     }
-    assert!(failures.is_empty(), "{} of {} files failed:\n\n{}", failures.len(), files.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} files failed:\n\n{}",
+        failures.len(),
+        files.len(),
+        failures.join("\n\n")
+    );
 }

@@ -230,7 +230,8 @@ impl Checker<'_> {
                     call,
                     CheckError::MissingArg {
                         callee: callee.into(),
-                        name: r.to_string(),
+                        what: format!("the argument `{r}`"),
+                        label: format!("`{r}` missing"),
                         span: call.span.into(),
                         help,
                     },
@@ -505,7 +506,8 @@ pub fn closest<'c>(name: &str, candidates: impl Iterator<Item = &'c str>) -> Opt
         .filter(|c| *c != name)
         .map(|c| (strsim::damerau_levenshtein(name, c), c))
         .filter(|(d, c)| *d <= limit || c.starts_with(name) && name.len() >= 3)
-        .min_by_key(|(d, _)| *d)
+        // Ties go to the alphabetically first name, so the suggestion is stable.
+        .min_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(b.1)))
         .map(|(_, c)| c)
 }
 

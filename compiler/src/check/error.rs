@@ -56,6 +56,19 @@ pub enum CheckError {
         help: Option<String>,
     },
 
+    /// A block has the name of a built-in layer, which would hide it.
+    ///
+    /// Example: `block pointwise(out) { … }` — `pointwise` is the built-in 1×1 conv.
+    ///
+    /// Fix: rename the block, e.g. `my_pointwise`.
+    #[error("`{name}` is a built-in layer and cannot be a block name")]
+    #[diagnostic(code(E0211), help("rename the block"))]
+    BuiltinBlockName {
+        name: String,
+        #[label("the name of a built-in layer")]
+        span: SourceSpan,
+    },
+
     /// A name refers to no value in scope.
     ///
     /// `add`, `concat`, `from` and explain's `layer=` refer to named layers defined
@@ -67,7 +80,7 @@ pub enum CheckError {
     #[diagnostic(code(E0204))]
     UnknownValue {
         name: String,
-        #[label("not defined before this point")]
+        #[label("not defined here")]
         span: SourceSpan,
         #[help]
         help: Option<String>,
@@ -171,13 +184,15 @@ pub enum CheckError {
     ///
     /// Example: `conv(kernel=3)` — a conv needs its number of output channels:
     /// `conv(16, kernel=3)`.
-    #[error("`{callee}` needs the argument `{name}`")]
+    #[error("`{callee}` needs {what}")]
     #[diagnostic(code(E0302))]
     MissingArg {
         callee: String,
-        name: String,
-        #[label("`{name}` missing")]
+        /// "the argument `out`", "at least two values".
+        what: String,
+        #[label("{label}")]
         span: SourceSpan,
+        label: String,
         #[help]
         help: Option<String>,
     },
@@ -197,7 +212,7 @@ pub enum CheckError {
     /// More positional arguments than the layer takes.
     ///
     /// Example: `maxpool(2, 2, 0, 1)` — maxpool takes `kernel`, `stride`, `pad`.
-    #[error("`{callee}` takes at most {max} positional argument{s}", s = if *max == 1 { "" } else { "s" })]
+    #[error("`{callee}` takes {}", match *max { 0 => "no arguments".to_string(), 1 => "at most 1 positional argument".to_string(), n => format!("at most {n} positional arguments") })]
     #[diagnostic(code(E0304))]
     TooManyArgs {
         callee: String,
@@ -576,7 +591,7 @@ pub enum CheckError {
     },
 
     /// `class=INDEX` names a class the model does not have.
-    #[error("class {index} is out of range: the model has {classes} classes (0..{classes})")]
+    #[error("class {index} is out of range: the model has {classes} classes (0 to {last})", last = classes.saturating_sub(1))]
     #[diagnostic(code(E0604))]
     ClassIndex {
         index: i64,
@@ -634,7 +649,7 @@ pub enum Lint {
     /// The window of a strided conv or pool does not reach the last rows or
     /// columns of its input: `(in + 2*pad - dilation*(kernel-1) - 1) mod stride`
     /// pixels are never read (PyTorch drops them silently too).
-    #[error("`{layer}` never reads the last {dropped} {dim} of its {size}-pixel input")]
+    #[error("`{layer}` never reads the last {}{dim} of its {size}-pixel input", if *dropped == 1 { String::new() } else { format!("{dropped} ") })]
     #[diagnostic(code(W0002), severity(Warning))]
     DroppedPixels {
         layer: String,

@@ -256,7 +256,21 @@ impl Checker<'_> {
         let m = model?;
         let Some(id) = m.value_by_name(name) else {
             let names: Vec<&str> = m.layers.iter().map(|l| l.name.as_str()).collect();
-            let help = self.did_you_mean(name, names.into_iter()).or_else(|| Some("explain targets are the names of layers in the model (`cnnc check` lists them)".into()));
+            let suffix = format!(".{name}");
+            let inside: Vec<&str> = names
+                .iter()
+                .copied()
+                .filter(|n| n.ends_with(&suffix))
+                .collect();
+            let help = if !inside.is_empty() {
+                Some(format!(
+                    "layers inside blocks are named after their block instance: did you mean {}?",
+                    super::args::list_names(&inside)
+                ))
+            } else {
+                self.did_you_mean(name, names.into_iter())
+                    .or_else(|| Some("explain targets are the names of layers in the model (`cnnc check` lists them)".into()))
+            };
             self.error(
                 v.loc,
                 CheckError::UnknownValue {

@@ -455,18 +455,13 @@ impl Checker<'_> {
             );
             let reach = n + 2 * p - d * (k - 1) - 1;
             let o = reach.div_euclid(s) + 1;
-            let dil = if d == 1 {
-                format!("{k}")
-            } else {
-                format!("{d}*({k}-1)+1")
-            };
+            let dil = d * (k - 1) + 1;
             let arithmetic = format!("floor(({n} + 2*{p} - {d}*({k}-1) - 1)/{s}) + 1 = {o}");
             if o <= 0 {
-                let culprit = if ctx.b.has(kernel_arg) {
-                    ctx.b.loc_of(kernel_arg)
-                } else {
-                    ctx.op_loc
-                };
+                let culprit = [kernel_arg, "dilation"]
+                    .into_iter()
+                    .find(|a| ctx.b.has(a))
+                    .map_or(ctx.op_loc, |a| ctx.b.loc_of(a));
                 let max_k = (n + 2 * p - 1) / d + 1;
                 let need_pad = (d * (k - 1) + 1 - n + 1) / 2;
                 let help = Some(format!(
@@ -518,7 +513,7 @@ impl Checker<'_> {
                 Lint::DroppedPixels {
                     layer: ctx.name.into(),
                     dropped: lost as u64,
-                    dim: dim.replace("height", "rows").replace("width", "columns"),
+                    dim: dims_word(dim, lost),
                     size: n as u64,
                     span: culprit.span.into(),
                     arithmetic,
@@ -804,6 +799,20 @@ impl WeightsLit {
             }
         }
         full
+    }
+}
+
+/// "row", "rows", "rows and columns" … for the dropped-pixels warning.
+fn dims_word(dim: &str, n: i64) -> String {
+    let (row, col) = if n == 1 {
+        ("row", "column")
+    } else {
+        ("rows", "columns")
+    };
+    match dim {
+        "height" => row.into(),
+        "width" => col.into(),
+        _ => format!("{row} and {col}"),
     }
 }
 

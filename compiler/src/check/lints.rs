@@ -16,14 +16,24 @@ impl Checker<'_> {
             let users: Vec<_> = m.users(ValueId(i + 1)).collect();
             if let [(_, user)] = users.as_slice() {
                 if matches!(user.op, Op::BatchNorm { .. } | Op::GroupNorm { .. }) {
+                    // Inside a block, the fix is in the block body: name the layer as
+                    // written there, and say where the block was used.
+                    let local = |name: &str| name.rsplit('.').next().unwrap_or(name).to_string();
+                    let (layer, norm) = if l.trace.is_empty() {
+                        (l.name.clone(), user.name.clone())
+                    } else {
+                        (local(&l.name), local(&user.name))
+                    };
+                    self.trace = l.trace.clone();
                     self.lint(
                         l.loc,
                         Lint::BiasBeforeNorm {
-                            layer: l.name.clone(),
-                            norm: user.op_name.clone(),
+                            layer,
+                            norm,
                             span: l.loc.span.into(),
                         },
                     );
+                    self.trace.clear();
                 }
             }
         }
@@ -46,7 +56,7 @@ impl Checker<'_> {
                 span: b.name.span,
             };
             let name = b.name.name.clone();
-            if has_model && !self.used_blocks.contains(&name) {
+            if has_model && !self.used_blocks.contains(&name) && !super::layers::is_builtin(&name) {
                 self.lint(
                     loc,
                     Lint::UnusedBlock {

@@ -27,6 +27,7 @@ use crate::pipeline::io_reason;
 use crate::source::{stdlib_file, FileId, Loc, SourceMap};
 use cnnc_grammar::ast::{self, Item, Span};
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 /// A block definition and the file it is written in.
@@ -41,7 +42,7 @@ pub(crate) struct Checker<'a> {
     diags: Vec<Diag>,
     /// (code, file, start, end) of reported diagnostics: a block used many times
     /// reports an error in its body once.
-    reported: HashSet<(String, Option<FileId>, usize, usize)>,
+    reported: HashSet<(String, Option<FileId>, usize, usize, String)>,
     /// The block instances being expanded, outermost first: (block, use site).
     trace: Vec<(String, Loc)>,
     blocks: HashMap<String, BlockRef>,
@@ -49,6 +50,8 @@ pub(crate) struct Checker<'a> {
     used_blocks: HashSet<String>,
     /// Layers produced so far in the current expansion (guards `repeat` blow-ups).
     expanded: usize,
+    /// The `repeat` counts being unrolled, outermost first.
+    repeats: Vec<Loc>,
 }
 
 impl<'a> Checker<'a> {
@@ -62,7 +65,14 @@ impl<'a> Checker<'a> {
 
     fn push(&mut self, loc: Loc, kind: DiagKind) {
         let mut d = Diag::new(Some(loc.file), kind);
-        let key = (d.code_str(), d.file, loc.span.start, loc.span.end);
+        // The same mistake in a block body is reported once, however many times
+        // the block is used; elsewhere two messages at one place are both kept.
+        let message = if self.trace.is_empty() {
+            d.to_string()
+        } else {
+            String::new()
+        };
+        let key = (d.code_str(), d.file, loc.span.start, loc.span.end, message);
         if !self.reported.insert(key) {
             return;
         }
@@ -71,6 +81,31 @@ impl<'a> Checker<'a> {
                 "in block `{block}`, used at {}",
                 self.sources.describe(*site)
             ));
+        }
+        // Inside the standard library the user can change nothing but the use:
+        // point there, and say where in the library it went wrong.
+        if self.sources.get(loc.file).path.is_none() {
+            let user_site = self
+                .trace
+                .iter()
+                .rev()
+                .find(|(_, site)| self.sources.get(site.file).path.is_some());
+            if let Some((block, site)) = user_site {
+                let text = &self.sources.get(loc.file).text;
+                // The whole line of the library that failed.
+                let start = text[..loc.span.start.min(text.len())]
+                    .rfind('\n')
+                    .map_or(0, |i| i + 1);
+                let code = text[start..].lines().next().unwrap_or("").trim();
+                d.notes
+                    .insert(0, format!("at {}: `{code}`", self.sources.describe(loc)));
+                d.file = Some(site.file);
+                d.site = Some((
+                    site.span.start,
+                    site.span.end,
+                    format!("the error is inside this use of `{block}`"),
+                ));
+            }
         }
         self.diags.push(d);
     }
@@ -94,8 +129,15 @@ pub fn check_file(
         blocks: HashMap::new(),
         used_blocks: HashSet::new(),
         expanded: 0,
+        repeats: Vec::new(),
     };
-    for (f, a) in std::iter::once((file, ast)).chain(imported.iter().map(|(f, a)| (*f, a))) {
+    // Imported blocks first: a clash is then reported at the definition in the
+    // user's own file, the one they can rename.
+    for (f, a) in imported
+        .iter()
+        .map(|(f, a)| (*f, a))
+        .chain(std::iter::once((file, ast)))
+    {
         ck.collect_blocks(f, a);
     }
     let own_blocks: Vec<String> = ast
@@ -246,10 +288,9 @@ impl<'a> Checker<'a> {
                 };
                 self.error(
                     loc,
-                    CheckError::DuplicateBlock {
+                    CheckError::BuiltinBlockName {
                         name: name.clone(),
                         span: b.name.span.into(),
-                        help: Some(format!("`{name}` is a built-in layer; choose another name")),
                     },
                 );
                 continue;
@@ -340,22 +381,51 @@ fn resolve_import(
             }
         };
     }
-    let base = sources
-        .get(from)
+    let importer = sources.get(from);
+    let base = importer
         .path
         .as_ref()
         .and_then(|p| p.parent().map(|d| d.to_path_buf()))
         .unwrap_or_default();
     let full = base.join(path);
+    // Messages name files as the user would: relative to the importing file's name.
+    let shown = Path::new(&importer.name)
+        .parent()
+        .unwrap_or(Path::new(""))
+        .join(path);
     let canon = std::fs::canonicalize(&full).map_err(|e| {
         (
             io_reason(&e),
-            Some(format!("looked for {}", full.display())),
+            Some(format!("looked for {}", normalize(&shown).display())),
         )
     })?;
     if let Some(id) = sources.find(path, Some(&canon)) {
         return Ok(id);
     }
     let text = crate::pipeline::read_source(&canon).map_err(|e| (e.to_string(), None))?;
-    Ok(sources.add(path, Some(canon), text))
+    let name = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| {
+            canon
+                .strip_prefix(cwd)
+                .ok()
+                .map(|p| p.display().to_string())
+        })
+        .unwrap_or_else(|| normalize(&shown).display().to_string());
+    Ok(sources.add(name, Some(canon), text))
+}
+
+/// Removes `.` and `a/..` pairs without touching the file system.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir if out.file_name().is_some() => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }

@@ -348,7 +348,7 @@ impl Checker<'_> {
                     "repeat",
                     "count",
                     count.loc,
-                    &format!("must lie in 1..={MAX_REPEAT}"),
+                    &format!("must lie between 1 and {MAX_REPEAT}"),
                     i.to_string(),
                 );
                 None
@@ -369,6 +369,7 @@ impl Checker<'_> {
         };
         let body: Vec<&Stmt> = r.body.iter().collect();
         let mut out = cur;
+        self.repeats.push(count.loc);
         for i in 0..n.unwrap_or(1) {
             let mut s = Scope::new(file, env.clone(), out, format!("{prefix}{i}."), frozen);
             s.boundary = false;
@@ -379,6 +380,7 @@ impl Checker<'_> {
                 break;
             }
         }
+        self.repeats.pop();
         n.and(out)
     }
 
@@ -520,15 +522,17 @@ impl Checker<'_> {
     ) -> ValueId {
         self.expanded += 1;
         if self.expanded == MAX_LAYERS + 1 {
+            // The outermost `repeat` count is what multiplies the layers.
+            let at = self.repeats.first().copied().unwrap_or(loc);
             self.error(
-                loc,
+                at,
                 CheckError::TooManyLayers {
                     limit: MAX_LAYERS,
-                    span: loc.span.into(),
+                    span: at.span.into(),
                 },
             );
         }
-        let trace = self.trace.iter().rev().map(|(_, l)| *l).collect();
+        let trace = self.trace.clone();
         mb.layers.push(Layer {
             name,
             op_name: op_name.into(),
@@ -662,7 +666,12 @@ impl Checker<'_> {
                 call_loc,
                 CheckError::MissingArg {
                     callee: op.into(),
-                    name: "inputs".into(),
+                    what: format!("at least two values, got {}", ids.len()),
+                    label: if ids.is_empty() {
+                        "no values".into()
+                    } else {
+                        "only one value".into()
+                    },
                     span: call_loc.span.into(),
                     help: Some(format!(
                         "`{op}` needs at least two named values, e.g. `{op}(skip, branch)`"
@@ -683,7 +692,8 @@ impl Checker<'_> {
             let right_span = span_in(loc, file, op_loc.span);
             if op == "add" {
                 if other != shape {
-                    let help = add_help(&shape, &other, mb.describe(v.unwrap()));
+                    let help =
+                        add_help(&shape, &other, mb.describe(first), mb.describe(v.unwrap()));
                     self.error(
                         loc,
                         CheckError::AddShapes {
@@ -795,6 +805,11 @@ impl Checker<'_> {
             };
             env.insert(p.name.name.clone(), v);
         }
+        // A missing argument would leave a parameter unbound and every use of it
+        // an error of its own: report only the missing argument.
+        if required.iter().any(|r| !env.contains_key(*r)) {
+            return None;
+        }
         let scope = Scope::new(bref.file, env, input, format!("{full}."), frozen);
         scopes.push(scope);
         self.trace.push((name, use_loc));
@@ -821,24 +836,30 @@ fn stdlib_block(name: &str) -> Option<&'static str> {
     })
 }
 
-fn add_help(left: &Shape, right: &Shape, right_desc: String) -> Option<String> {
+fn add_help(left: &Shape, right: &Shape, left_desc: String, right_desc: String) -> Option<String> {
     if left.len() == 3 && right.len() == 3 {
-        let (c, h) = (left[0], left[1]);
-        if right[1] != h && right[1].is_multiple_of(h) {
-            let s = right[1] / h;
+        // Project the value with the larger map onto the other's shape.
+        let (big, small, which) = if right[1] >= left[1] {
+            (right, left, right_desc)
+        } else {
+            (left, right, left_desc)
+        };
+        let c = small[0];
+        if big[1] != small[1] && big[1] % small[1] == 0 && big[2] % small[2] == 0 {
+            let s = big[1] / small[1];
             return Some(format!(
-                "project {right_desc} with a strided 1×1 conv: `conv proj({c}, kernel=1, stride={s}) from …`"
+                "project {which} with a strided 1×1 conv: `conv proj({c}, kernel=1, stride={s}) from …`"
             ));
         }
-        if right[1] < h && h % right[1] != 0 || right[1] > h && !right[1].is_multiple_of(h) {
+        if big[1] != small[1] {
             return Some(format!(
                 "the maps are {}×{} and {}×{}: a conv without padding shrinks its input; give the branch `pad=same`",
                 left[1], left[2], right[1], right[2]
             ));
         }
-        if right[1] == h && right[2] == left[2] {
+        if big[2] == small[2] {
             return Some(format!(
-                "the channels differ: project {right_desc} with `conv proj({c}, kernel=1) from …`"
+                "the channels differ: project {which} with `conv proj({c}, kernel=1) from …`"
             ));
         }
     }

@@ -48,8 +48,8 @@ impl Checker<'_> {
                     .did_you_mean(key, SETTINGS.iter().copied())
                     .or_else(|| {
                         Some(format!(
-                            "settings are {}",
-                            super::args::list_names(SETTINGS)
+                            "the settings are {}",
+                            super::args::list_all(SETTINGS)
                         ))
                     });
                 self.error(
@@ -256,7 +256,7 @@ impl Checker<'_> {
                 let rule = if max == i64::MAX {
                     format!("must be at least {min}")
                 } else {
-                    format!("must lie in {min}..={max}")
+                    format!("must lie between {min} and {max}")
                 };
                 self.out_of_range("train", key, v.loc, &rule, i.to_string());
                 None
@@ -473,20 +473,34 @@ impl Checker<'_> {
                 let (mean, std) = (mean?, std?);
                 if let Some(m) = model {
                     let c = m.input[0] as usize;
+                    let mut ok = true;
                     for (name, vals) in [("mean", &mean), ("std", &std)] {
                         if vals.len() != 1 && vals.len() != c {
                             let loc = b.loc_of(name);
+                            let n = vals.len();
+                            let channels = if c == 1 {
+                                "1 channel".to_string()
+                            } else {
+                                format!("{c} channels")
+                            };
                             self.error(
                                 loc,
                                 CheckError::Augment {
-                                    message: format!("normalize has {} {name} values but the input has {c} channels", vals.len()),
+                                    message: format!("normalize has {n} {name} values but the input has {channels}"),
                                     span: loc.span.into(),
-                                    label: format!("{} values", vals.len()),
-                                    help: Some(format!("give one number, or a list of {c}")),
+                                    label: format!("{n} values"),
+                                    help: Some(if c == 1 {
+                                        "give one number".to_string()
+                                    } else {
+                                        format!("give one number, or a list of {c}")
+                                    }),
                                 },
                             );
-                            return None;
+                            ok = false;
                         }
+                    }
+                    if !ok {
+                        return None;
                     }
                 }
                 Some(Augment::Normalize { mean, std })
@@ -710,12 +724,20 @@ impl Checker<'_> {
             | Schedule::Step { warmup, .. }
             | Schedule::Cosine { warmup, .. } => warmup,
         };
+        // Point at the warm-up count itself (`warmup=3`, or `warmup(3)`).
+        let warmup_loc = args
+            .iter()
+            .find(|a| {
+                matches!(&a.name, Some((n, _)) if n == "warmup" || n == "epochs")
+                    || name == "warmup"
+            })
+            .map_or(v.loc, |a| a.value.loc);
         if let Some(e) = epochs {
             if warmup >= e && warmup > 0 {
                 self.out_of_range(
                     &name,
                     "warmup",
-                    v.loc,
+                    warmup_loc,
                     &format!("must be less than the {e} epochs"),
                     warmup.to_string(),
                 );

@@ -202,9 +202,16 @@ pub fn loss_graph(m: &CheckedModel, batch: usize, smoothing: f64) -> Graph {
     let f = forward(m, Mode::Train, batch, "train");
     let mut g = f.graph;
     let labels = g.add_value("labels", vec![batch], Role::Input);
-    let lp = g.push(Op::SoftmaxXent { smoothing }, &[f.logits, labels], Some("loss"));
+    let lp = g.push(
+        Op::SoftmaxXent { smoothing },
+        &[f.logits, labels],
+        Some("loss"),
+    );
     let correct = g.push1(Op::CountCorrect, &[f.logits, labels], Some("loss"));
-    let mut outputs = vec![("loss".to_string(), lp[0]), ("correct".to_string(), correct)];
+    let mut outputs = vec![
+        ("loss".to_string(), lp[0]),
+        ("correct".to_string(), correct),
+    ];
     outputs.append(&mut g.outputs);
     g.outputs = outputs;
     verify::debug_verify(&g, "lowering");
@@ -216,7 +223,11 @@ pub fn loss_graph(m: &CheckedModel, batch: usize, smoothing: f64) -> Graph {
 pub fn train_graph(m: &CheckedModel, batch: usize, smoothing: f64) -> Graph {
     let mut g = loss_graph(m, batch, smoothing);
     let loss = g.output("loss").expect("loss_graph has a loss");
-    let frozen: Vec<String> = param_specs(m).into_iter().filter(|p| !p.trainable).map(|p| p.name).collect();
+    let frozen: Vec<String> = param_specs(m)
+        .into_iter()
+        .filter(|p| !p.trainable)
+        .map(|p| p.name)
+        .collect();
     let wrt: Vec<Vid> = g
         .with_role(Role::Param)
         .filter(|v| !frozen.contains(&g.values[v.0].name))
