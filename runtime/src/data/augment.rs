@@ -218,7 +218,11 @@ mod tests {
         // Centre of the padded image is the image itself.
         assert_eq!(crop(&img, [1, 3, 3], 3, 1, 1, 1), img);
         // Two channels are cropped alike.
-        let two: Vec<f32> = img.iter().chain(img.iter().map(|v| v * 10.0).collect::<Vec<_>>().iter()).copied().collect();
+        let two: Vec<f32> = img
+            .iter()
+            .chain(img.iter().map(|v| v * 10.0).collect::<Vec<_>>().iter())
+            .copied()
+            .collect();
         assert_eq!(
             crop(&two, [2, 3, 3], 2, 0, 1, 0),
             vec![4., 5., 7., 8., 40., 50., 70., 80.]
@@ -276,7 +280,7 @@ mod tests {
             seen.insert(out.iter().map(|v| *v as u8).collect::<Vec<_>>());
         }
         assert_eq!(seen.len(), 9); // 3×3 offsets
-        // Evaluation takes the centre: the image itself.
+                                   // Evaluation takes the centre: the image itself.
         let mut out = vec![0.0; 9];
         a.eval(&tiny(), &mut out);
         assert_eq!(out, tiny());
@@ -331,7 +335,8 @@ mod tests {
 
     #[test]
     fn settings_that_do_not_fit() {
-        let e = Augmenter::new([1, 28, 28], &[Augment::RandomCrop { size: 40, pad: 2 }]).unwrap_err();
+        let e =
+            Augmenter::new([1, 28, 28], &[Augment::RandomCrop { size: 40, pad: 2 }]).unwrap_err();
         assert!(e.to_string().contains("does not fit 28×28"), "{e}");
         let e = Augmenter::new(
             [3, 8, 8],

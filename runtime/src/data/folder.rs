@@ -339,7 +339,10 @@ mod tests {
         // One colour image makes every image RGB, grey ones repeated in 3 planes.
         assert_eq!(s.train.shape, [3, 3, 4]);
         let g = s.train.image(0);
-        assert_eq!((g[0], g[12], g[24]), (50.0 / 255.0, 50.0 / 255.0, 50.0 / 255.0));
+        assert_eq!(
+            (g[0], g[12], g[24]),
+            (50.0 / 255.0, 50.0 / 255.0, 50.0 / 255.0)
+        );
         let c = s.test.image(0);
         assert_eq!((c[1], c[13], c[25]), (1.0, 10.0 / 255.0, 0.0));
     }

@@ -41,7 +41,9 @@ impl<'a> Loader<'a> {
         seed: u64,
     ) -> Result<Self, DataError> {
         if batch == 0 {
-            return Err(DataError::Settings("the batch size must be at least 1".into()));
+            return Err(DataError::Settings(
+                "the batch size must be at least 1".into(),
+            ));
         }
         Ok(Loader {
             data,
@@ -211,7 +213,10 @@ mod tests {
             assert_eq!(batches.len(), 5);
             let order = batches.order().to_vec();
             let all: Vec<Batch> = batches.collect();
-            assert_eq!(all.iter().map(|b| b.n).collect::<Vec<_>>(), vec![5, 5, 5, 5, 3]);
+            assert_eq!(
+                all.iter().map(|b| b.n).collect::<Vec<_>>(),
+                vec![5, 5, 5, 5, 3]
+            );
             let seen: Vec<usize> = all.iter().flat_map(|b| b.indices.clone()).collect();
             assert_eq!(seen, order);
             let mut sorted = seen.clone();

@@ -280,12 +280,20 @@ mod tests {
 
     /// A valid set of four plain IDX files with `n` train and `n` test items.
     fn write_set(dir: &Path, n: u32, gzip: bool) {
-        let images: Vec<u8> = (0..n as usize * SIDE * SIDE).map(|i| (i % 256) as u8).collect();
+        let images: Vec<u8> = (0..n as usize * SIDE * SIDE)
+            .map(|i| (i % 256) as u8)
+            .collect();
         let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
         let files = [
-            ("train-images-idx3-ubyte", idx(IMAGES_MAGIC, &[n, 28, 28], &images)),
+            (
+                "train-images-idx3-ubyte",
+                idx(IMAGES_MAGIC, &[n, 28, 28], &images),
+            ),
             ("train-labels-idx1-ubyte", idx(LABELS_MAGIC, &[n], &labels)),
-            ("t10k-images-idx3-ubyte", idx(IMAGES_MAGIC, &[n, 28, 28], &images)),
+            (
+                "t10k-images-idx3-ubyte",
+                idx(IMAGES_MAGIC, &[n, 28, 28], &images),
+            ),
             ("t10k-labels-idx1-ubyte", idx(LABELS_MAGIC, &[n], &labels)),
         ];
         for (name, bytes) in files {
@@ -370,10 +378,31 @@ mod tests {
     fn missing_folder_and_files() {
         let dir = tempfile::tempdir().unwrap();
         let e = load(&dir.path().join("nope")).unwrap_err();
-        assert!(matches!(e, DataError::NotFound { what: "MNIST folder", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                DataError::NotFound {
+                    what: "MNIST folder",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = load(dir.path()).unwrap_err();
-        assert!(matches!(e, DataError::NotFound { what: "MNIST file", .. }), "{e}");
-        assert!(e.to_string().contains("train-images-idx3-ubyte[.gz]"), "{e}");
+        assert!(
+            matches!(
+                e,
+                DataError::NotFound {
+                    what: "MNIST file",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("train-images-idx3-ubyte[.gz]"),
+            "{e}"
+        );
         write_set(dir.path(), 2, false);
         std::fs::remove_file(dir.path().join("t10k-labels-idx1-ubyte")).unwrap();
         let e = load(dir.path()).unwrap_err();
@@ -388,25 +417,49 @@ mod tests {
         // Labels where images belong: the magic says so.
         let (_d, e) = with_images(&idx(LABELS_MAGIC, &[3], &[0, 1, 2]));
         assert!(
-            matches!(e, DataError::BadMagic { found: 0x801, expected: 0x803, .. }),
+            matches!(
+                e,
+                DataError::BadMagic {
+                    found: 0x801,
+                    expected: 0x803,
+                    ..
+                }
+            ),
             "{e}"
         );
         assert!(e.to_string().contains("not an IDX images file"), "{e}");
         assert!(e.to_string().contains("0x00000801"), "{e}");
         let (_d, e) = with_labels(b"GIF89a garbage, not IDX at all");
-        assert!(matches!(e, DataError::BadMagic { kind: "labels", .. }), "{e}");
+        assert!(
+            matches!(e, DataError::BadMagic { kind: "labels", .. }),
+            "{e}"
+        );
     }
 
     #[test]
     fn empty_and_short_files() {
         let (_d, e) = with_labels(&[]);
         assert!(
-            matches!(e, DataError::ShortHeader { expected: 8, actual: 0, .. }),
+            matches!(
+                e,
+                DataError::ShortHeader {
+                    expected: 8,
+                    actual: 0,
+                    ..
+                }
+            ),
             "{e}"
         );
         let (_d, e) = with_images(&idx(IMAGES_MAGIC, &[3, 28], &[]));
         assert!(
-            matches!(e, DataError::ShortHeader { expected: 16, actual: 12, .. }),
+            matches!(
+                e,
+                DataError::ShortHeader {
+                    expected: 16,
+                    actual: 12,
+                    ..
+                }
+            ),
             "{e}"
         );
         assert!(e.to_string().contains("too short for an IDX header"), "{e}");
@@ -416,13 +469,26 @@ mod tests {
     fn truncated_and_overlong_data() {
         let (_d, e) = with_images(&idx(IMAGES_MAGIC, &[3, 28, 28], &[0; 2000]));
         assert!(
-            matches!(e, DataError::Truncated { expected: 2352, actual: 2000, .. }),
+            matches!(
+                e,
+                DataError::Truncated {
+                    expected: 2352,
+                    actual: 2000,
+                    ..
+                }
+            ),
             "{e}"
         );
         let msg = e.to_string();
-        assert!(msg.contains("truncated") && msg.contains("2352") && msg.contains("2000"), "{msg}");
+        assert!(
+            msg.contains("truncated") && msg.contains("2352") && msg.contains("2000"),
+            "{msg}"
+        );
         let (_d, e) = with_labels(&idx(LABELS_MAGIC, &[3], &[0, 1, 2, 3]));
-        assert!(matches!(e, DataError::TrailingData { expected: 3, .. }), "{e}");
+        assert!(
+            matches!(e, DataError::TrailingData { expected: 3, .. }),
+            "{e}"
+        );
         // Truncated inside gzip: the compressed stream ends early.
         let full = gz(&idx(IMAGES_MAGIC, &[3, 28, 28], &[7; 2352]));
         let (_d, e) = with_images(&full[..full.len() / 2]);
@@ -436,7 +502,10 @@ mod tests {
     fn huge_header_claims_do_not_allocate() {
         let (_d, e) = with_images(&idx(IMAGES_MAGIC, &[u32::MAX, 28, 28], &[0; 100]));
         assert!(
-            matches!(e, DataError::Truncated { actual: 100, .. } | DataError::TooLarge { .. }),
+            matches!(
+                e,
+                DataError::Truncated { actual: 100, .. } | DataError::TooLarge { .. }
+            ),
             "{e}"
         );
     }
@@ -458,12 +527,26 @@ mod tests {
         assert!(e.to_string().contains("zero dimension"), "{e}");
         let (_d, e) = with_labels(&idx(LABELS_MAGIC, &[2], &[0, 1]));
         assert!(
-            matches!(e, DataError::CountMismatch { n_images: 3, n_labels: 2, .. }),
+            matches!(
+                e,
+                DataError::CountMismatch {
+                    n_images: 3,
+                    n_labels: 2,
+                    ..
+                }
+            ),
             "{e}"
         );
         let (_d, e) = with_labels(&idx(LABELS_MAGIC, &[3], &[0, 12, 1]));
         assert!(
-            matches!(e, DataError::LabelOutOfRange { index: 1, label: 12, .. }),
+            matches!(
+                e,
+                DataError::LabelOutOfRange {
+                    index: 1,
+                    label: 12,
+                    ..
+                }
+            ),
             "{e}"
         );
         assert!(e.to_string().contains("label 12 of item 1"), "{e}");

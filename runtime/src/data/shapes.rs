@@ -110,16 +110,16 @@ pub fn inside(kind: usize, dx: f32, dy: f32) -> bool {
     let (ax, ay) = (dx.abs(), dy.abs());
     let r2 = dx * dx + dy * dy;
     match kind {
-        0 => r2 <= 1.0,                                   // filled disc
-        1 => ax <= 0.8 && ay <= 0.8,                      // square
-        2 => ax <= (dy + 1.0) * 0.5,                      // triangle, apex up
-        3 => ax <= 0.3 || ay <= 0.3,                      // plus
-        4 => (0.3..=1.0).contains(&r2),                   // ring
-        5 => ay <= 0.3,                                   // horizontal bar
-        6 => ax <= 0.3,                                   // vertical bar
-        7 => ax + ay <= 1.0,                              // diamond
+        0 => r2 <= 1.0,                                          // filled disc
+        1 => ax <= 0.8 && ay <= 0.8,                             // square
+        2 => ax <= (dy + 1.0) * 0.5,                             // triangle, apex up
+        3 => ax <= 0.3 || ay <= 0.3,                             // plus
+        4 => (0.3..=1.0).contains(&r2),                          // ring
+        5 => ay <= 0.3,                                          // horizontal bar
+        6 => ax <= 0.3,                                          // vertical bar
+        7 => ax + ay <= 1.0,                                     // diamond
         8 => (dx - dy).abs() <= 0.35 || (dx + dy).abs() <= 0.35, // X
-        _ => dx <= -0.3 || dy >= 0.3,                     // L
+        _ => dx <= -0.3 || dy >= 0.3,                            // L
     }
 }
 
@@ -175,8 +175,14 @@ fn draw(r: &mut ChaCha8Rng, kind: usize, s: usize, rgb: bool, img: &mut [f32], m
 
     // Thin low-contrast lines.
     for _ in 0..between(r, 2, 5) {
-        let (ax, ay) = (uniform(r, 0.0, 1.0) as f32 * sf, uniform(r, 0.0, 1.0) as f32 * sf);
-        let (bx, by) = (uniform(r, 0.0, 1.0) as f32 * sf, uniform(r, 0.0, 1.0) as f32 * sf);
+        let (ax, ay) = (
+            uniform(r, 0.0, 1.0) as f32 * sf,
+            uniform(r, 0.0, 1.0) as f32 * sf,
+        );
+        let (bx, by) = (
+            uniform(r, 0.0, 1.0) as f32 * sf,
+            uniform(r, 0.0, 1.0) as f32 * sf,
+        );
         let delta = contrast(r, rgb, 0.18);
         let steps = ((bx - ax).abs().max((by - ay).abs()) as usize).max(1);
         let mut last = usize::MAX;
@@ -324,7 +330,12 @@ mod tests {
         for i in 0..d.len() {
             let (img, m) = (d.image(i), d.mask(i).unwrap());
             let mean = |on: u8| {
-                let v: Vec<f32> = img.iter().zip(m).filter(|(_, &k)| k == on).map(|(v, _)| *v).collect();
+                let v: Vec<f32> = img
+                    .iter()
+                    .zip(m)
+                    .filter(|(_, &k)| k == on)
+                    .map(|(v, _)| *v)
+                    .collect();
                 v.iter().sum::<f32>() / v.len() as f32
             };
             assert!((mean(1) - mean(0)).abs() > 0.15, "image {i}");
@@ -393,16 +404,15 @@ mod tests {
         let dir = std::path::PathBuf::from(dir);
         std::fs::create_dir_all(&dir).unwrap();
         for rgb in [false, true] {
-            let size = 64;
+            let size = 32;
             let s = generate(&cfg(20, size, rgb, 10)).unwrap();
             let d = &s.train;
-            // A grid: two rows of 10 images (one of each kind), each image next to
-            // its mask outline drawn in red.
-            let (cols, rows) = (10u32, 2u32);
-            let cell = size as u32 * 2 + 4;
-            let mut out = image::RgbImage::new(cols * cell, rows * (size as u32 + 4));
+            // Four rows of five: each image, then its mask outline drawn in red.
+            let (cols, rows) = (5u32, 4u32);
+            let (cw, ch) = (size as u32 * 2 + 4, size as u32 + 4);
+            let mut out = image::RgbImage::new(cols * cw, rows * ch);
             for i in 0..20 {
-                let (gx, gy) = ((i as u32 % cols) * cell, (i as u32 / cols) * (size as u32 + 4));
+                let (gx, gy) = ((i as u32 % cols) * cw, (i as u32 / cols) * ch);
                 let (img, m) = (d.image(i), d.mask(i).unwrap());
                 let hw = size * size;
                 for p in 0..hw {
@@ -411,19 +421,28 @@ mod tests {
                     let rgbv = [px(0), px(1), px(2)];
                     out.put_pixel(gx + x, gy + y, image::Rgb(rgbv));
                     let edge = m[p] == 1
-                        && [(0i64, 1i64), (0, -1), (1, 0), (-1, 0)].iter().any(|(ddx, ddy)| {
-                            let (nx, ny) = (x as i64 + ddx, y as i64 + ddy);
-                            nx < 0
-                                || ny < 0
-                                || nx >= size as i64
-                                || ny >= size as i64
-                                || m[ny as usize * size + nx as usize] == 0
-                        });
+                        && [(0i64, 1i64), (0, -1), (1, 0), (-1, 0)]
+                            .iter()
+                            .any(|(ddx, ddy)| {
+                                let (nx, ny) = (x as i64 + ddx, y as i64 + ddy);
+                                nx < 0
+                                    || ny < 0
+                                    || nx >= size as i64
+                                    || ny >= size as i64
+                                    || m[ny as usize * size + nx as usize] == 0
+                            });
                     let ov = if edge { [255, 0, 0] } else { rgbv };
                     out.put_pixel(gx + size as u32 + 2 + x, gy + y, image::Rgb(ov));
                 }
             }
-            let name = if rgb { "shapes_rgb.png" } else { "shapes_grey.png" };
+            let (w, h) = out.dimensions();
+            let out =
+                image::imageops::resize(&out, w * 4, h * 4, image::imageops::FilterType::Nearest);
+            let name = if rgb {
+                "shapes_rgb.png"
+            } else {
+                "shapes_grey.png"
+            };
             out.save(dir.join(name)).unwrap();
         }
     }
