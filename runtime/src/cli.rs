@@ -5,8 +5,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 const LONG_ABOUT: &str = "\
-cnnc compiles declarative CNN model files (.cnn): it checks them, shows what each \
-compiler stage made of them and explains its diagnostics.
+cnnc compiles declarative CNN model files (.cnn): it checks them, trains them on \
+their data, evaluates saved weights, shows what each compiler stage made of them \
+and explains its diagnostics.
 
 Exit codes:
   0  success (warnings may have been printed)
@@ -31,6 +32,11 @@ pub enum Command {
     /// Parse, resolve and shape-check files; print each model's layer table, or
     /// every diagnostic.
     Check(CheckArgs),
+    /// Check, compile and train a model on its data; evaluate it after every
+    /// epoch; write metrics and checkpoints to the run folder.
+    Run(RunArgs),
+    /// Loss and accuracy of saved weights on a data set.
+    Eval(EvalArgs),
     /// Show what a compiler stage produced for a file.
     Dump(DumpArgs),
     /// Print the long explanation of a diagnostic code (e.g. `E0401`).
@@ -47,6 +53,59 @@ pub struct CheckArgs {
     /// object per diagnostic per line on stdout, for editors and scripts.
     #[arg(long, value_enum, default_value_t = MessageFormat::Human)]
     pub message_format: MessageFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The `.cnn` file.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// The run folder (default: `runs/<file name>`, or `runs/<file name>-2`, … if
+    /// that exists). An existing, non-empty folder is refused unless --overwrite.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+
+    /// Allow --out to name a folder that already holds files.
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Train for this many epochs instead of the file's `epochs`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub epochs: Option<u64>,
+
+    /// The engine that runs the graphs.
+    #[arg(long, value_enum, default_value_t = crate::train::BackendKind::Interp)]
+    pub backend: crate::train::BackendKind,
+
+    /// Start from these weights (a safetensors file with cnnc's / PyTorch's names)
+    /// instead of a random initialisation.
+    #[arg(long, value_name = "W.safetensors")]
+    pub init: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The `.cnn` file.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// The weights to evaluate (e.g. `runs/mnist/checkpoints/final.safetensors`).
+    #[arg(long, value_name = "CKPT")]
+    pub weights: PathBuf,
+
+    /// Evaluate on this data instead of the file's test split: `mnist:PATH` (its
+    /// t10k files) or `folder:PATH` (one sub-folder per class).
+    #[arg(long, value_name = "SPEC")]
+    pub data: Option<String>,
+
+    /// Print `{"accuracy": …, "loss": …, "n": …}`.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The engine that runs the graphs.
+    #[arg(long, value_enum, default_value_t = crate::train::BackendKind::Interp)]
+    pub backend: crate::train::BackendKind,
 }
 
 #[derive(Debug, Args)]

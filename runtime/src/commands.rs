@@ -2,7 +2,10 @@
 //! (see [`exit`]); nothing here panics on user input: unreadable or wrong files
 //! become diagnostics, and stdout closing early (`cnnc … | head`) is not an error.
 
-use crate::cli::{CheckArgs, Cli, Color, Command, DumpArgs, ExplainCodeArgs, MessageFormat, Stage};
+use crate::cli::{
+    CheckArgs, Cli, Color, Command, DumpArgs, EvalArgs, ExplainCodeArgs, MessageFormat, RunArgs,
+    Stage,
+};
 use crate::{codes, render};
 use cnnc_compiler::diag::{Diag, DiagKind};
 use cnnc_compiler::pipeline::{self, FileResult, Frontend};
@@ -25,6 +28,8 @@ pub fn run(cli: Cli) -> i32 {
     let color = use_color(cli.color);
     match cli.command {
         Command::Check(args) => check(&args, color),
+        Command::Run(args) => run_cmd(&args, color),
+        Command::Eval(args) => eval_cmd(&args, color),
         Command::Dump(args) => dump(&args, color),
         Command::ExplainCode(args) => explain_code(&args),
     }
@@ -61,6 +66,107 @@ fn check(args: &CheckArgs, color: bool) -> i32 {
         exit::USER
     } else {
         exit::OK
+    }
+}
+
+/// Checks one file for `run`/`eval`: prints its diagnostics, and returns what was
+/// checked (which has a model), or the exit code to stop with.
+fn checked_model(
+    file: &std::path::Path,
+    color: bool,
+) -> Result<cnnc_compiler::checked::CheckedFile, i32> {
+    let fe = pipeline::check_paths(&[file.to_path_buf()]);
+    print_err(&render::human(&fe, stderr_width(), color));
+    if fe.has_errors() {
+        return Err(exit::USER);
+    }
+    let Some(checked) = fe.files.into_iter().next().and_then(|f| f.checked) else {
+        return Err(internal_error(
+            "the check stage gave no result and no error",
+        ));
+    };
+    match checked.model {
+        Some(_) => Ok(checked),
+        None => {
+            print_err(&format!("error: `{}` has no model\n", file.display()));
+            Err(exit::USER)
+        }
+    }
+}
+
+fn run_cmd(args: &RunArgs, color: bool) -> i32 {
+    let checked = match checked_model(&args.file, color) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (Some(model), train) = (&checked.model, checked.train.as_ref()) else {
+        return internal_error("checked_model returned no model");
+    };
+    let opts = crate::train::RunOptions {
+        out: args.out.clone(),
+        overwrite: args.overwrite,
+        epochs: args.epochs,
+        backend: args.backend,
+        init: args.init.clone(),
+    };
+    match crate::train::run(&args.file, model, train, &opts) {
+        Ok(s) => {
+            print_out(&format!(
+                "done: test accuracy {:.2}%, test loss {:.4}; weights in {}\n",
+                100.0 * s.test_accuracy,
+                s.test_loss,
+                s.out.join("checkpoints/final.safetensors").display()
+            ));
+            if !checked.explain.is_empty() {
+                print_err("note: this version of cnnc does not run `explain` directives yet\n");
+            }
+            exit::OK
+        }
+        Err(e) => run_error(e),
+    }
+}
+
+fn run_error(e: crate::train::RunError) -> i32 {
+    match e {
+        crate::train::RunError::Backend { .. } => internal_error(&e.to_string()),
+        e => {
+            print_err(&format!("error: {e}\n"));
+            exit::USER
+        }
+    }
+}
+
+fn eval_cmd(args: &EvalArgs, color: bool) -> i32 {
+    let checked = match checked_model(&args.file, color) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(model) = &checked.model else {
+        return internal_error("checked_model returned no model");
+    };
+    match crate::train::eval(
+        &args.file,
+        model,
+        checked.train.as_ref(),
+        &args.weights,
+        args.data.as_deref(),
+        args.backend,
+    ) {
+        Ok((loss, acc, n)) => {
+            if args.json {
+                print_out(&format!(
+                    "{}\n",
+                    serde_json::json!({"accuracy": acc, "loss": loss, "n": n})
+                ));
+            } else {
+                print_out(&format!(
+                    "accuracy {:.2}% ({n} images), loss {loss:.4}\n",
+                    100.0 * acc
+                ));
+            }
+            exit::OK
+        }
+        Err(e) => run_error(e),
     }
 }
 

@@ -1,0 +1,430 @@
+//! `cnnc run` and `cnnc eval`: the training loop and evaluation of a checked model.
+//!
+//! One epoch: shuffled, augmented batches; per step the backend computes the loss
+//! and gradients, the clip policy is applied, the optimizer updates the
+//! parameters with the scheduled learning rate, and batchnorm's running statistics
+//! are updated. After every epoch the test set is evaluated, a line is printed,
+//! one object is appended to `metrics.jsonl`, and checkpoints are written.
+
+use crate::backend::{Backend, Interpreter};
+use crate::checkpoint::{self, CheckpointError, TrainPoint};
+use crate::data::{self, DataError, Dataset, Loader};
+use crate::optim::{clip, ClipStats, Optimizer, Schedule};
+use crate::params::{Params, ParamsError};
+use cnnc_compiler::checked::{CheckedModel, Loss, TrainConfig};
+use cnnc_compiler::params::{param_specs, ParamKind};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use thiserror::Error;
+
+/// Errors of a run, each with what to do about it.
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    #[error("the data gives {data:?} images but the model's input is {model:?}")]
+    DataShape { data: [usize; 3], model: Vec<u64> },
+    #[error("the data has {data} classes but the model gives {model} class scores")]
+    Classes { data: usize, model: u64 },
+    #[error("the run folder `{0}` already exists and is not empty; choose another --out, or add --overwrite")]
+    OutExists(PathBuf),
+    #[error("cannot write `{path}`: {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error("the model file has no `train` section, so there is nothing to train on")]
+    NoTrain,
+    #[error("bad --data `{0}`: expected mnist:PATH or folder:PATH")]
+    DataSpec(String),
+    #[error("internal error in the {backend} backend: {message}")]
+    Backend {
+        backend: &'static str,
+        message: String,
+    },
+}
+
+/// Which engine runs the graphs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// The reference interpreter (ndarray; simple and slow).
+    Interp,
+}
+
+pub struct RunOptions {
+    pub out: Option<PathBuf>,
+    pub overwrite: bool,
+    pub epochs: Option<u64>,
+    pub backend: BackendKind,
+    pub init: Option<PathBuf>,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Serialize)]
+struct EpochMetrics {
+    epoch: u64,
+    train_loss: f64,
+    train_accuracy: f64,
+    test_loss: f64,
+    test_accuracy: f64,
+    images_per_sec: f64,
+    seconds: f64,
+    lr: f32,
+    clip_fired: f64,
+    grad_norm_mean: f64,
+    grad_norm_max: f32,
+}
+
+/// The final figures of a run.
+pub struct RunSummary {
+    pub out: PathBuf,
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+}
+
+fn backend(
+    kind: BackendKind,
+    model: &CheckedModel,
+    train: Option<&TrainConfig>,
+) -> Box<dyn Backend> {
+    let smoothing = train.map_or(0.0, |t| {
+        let Loss::CrossEntropy { smoothing } = t.loss;
+        smoothing
+    });
+    match kind {
+        BackendKind::Interp => Box::new(Interpreter::new(model, smoothing)),
+    }
+}
+
+fn backend_error(message: String) -> RunError {
+    RunError::Backend {
+        backend: "interp",
+        message,
+    }
+}
+
+/// The data must fit the model (checked here for folders, whose image size is
+/// only known once read).
+fn check_data(model: &CheckedModel, d: &Dataset) -> Result<(), RunError> {
+    let shape: Vec<u64> = d.shape.iter().map(|&x| x as u64).collect();
+    if shape != model.input {
+        return Err(RunError::DataShape {
+            data: d.shape,
+            model: model.input.clone(),
+        });
+    }
+    let classes = model.shape(model.output())[0];
+    if d.classes as u64 > classes {
+        return Err(RunError::Classes {
+            data: d.classes,
+            model: classes,
+        });
+    }
+    Ok(())
+}
+
+/// Picks the run folder: `--out` (which must be empty unless `--overwrite`), or
+/// `runs/<file stem>`, `runs/<file stem>-2`, … the first that does not exist.
+fn run_folder(file: &Path, opts: &RunOptions) -> Result<PathBuf, RunError> {
+    let non_empty = |p: &Path| {
+        std::fs::read_dir(p)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    };
+    let dir = match &opts.out {
+        Some(d) => {
+            if non_empty(d) && !opts.overwrite {
+                return Err(RunError::OutExists(d.clone()));
+            }
+            d.clone()
+        }
+        None => {
+            let stem = file
+                .file_stem()
+                .map_or("run".into(), |s| s.to_string_lossy().into_owned());
+            let base = PathBuf::from("runs").join(&stem);
+            let mut dir = base.clone();
+            let mut k = 2;
+            while dir.exists() {
+                dir = PathBuf::from("runs").join(format!("{stem}-{k}"));
+                k += 1;
+            }
+            dir
+        }
+    };
+    std::fs::create_dir_all(dir.join("checkpoints")).map_err(|e| RunError::Write {
+        path: dir.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(dir)
+}
+
+/// Trains the model of `file` as its `train` section says.
+pub fn run(
+    file: &Path,
+    model: &CheckedModel,
+    train: Option<&TrainConfig>,
+    opts: &RunOptions,
+) -> Result<RunSummary, RunError> {
+    let cfg = train.ok_or(RunError::NoTrain)?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let splits = data::load(&cfg.data, base)?;
+    check_data(model, &splits.train)?;
+    check_data(model, &splits.test)?;
+    let specs = param_specs(model);
+    let mut params = match &opts.init {
+        Some(path) => checkpoint::load_weights(path, &specs)?,
+        None => Params::init(&specs, cfg.seed)?,
+    };
+    let out = run_folder(file, opts)?;
+    let mut engine = backend(opts.backend, model, Some(cfg));
+    let mut opt = Optimizer::new(&cfg.optimizer, &specs);
+    let schedule = Schedule::new(&cfg.schedule);
+    let epochs = opts.epochs.unwrap_or(cfg.epochs);
+    let train_loader = Loader::from_config(&splits.train, cfg)?;
+    let test_loader = Loader::from_config(&splits.test, cfg)?;
+    let steps_per_epoch = train_loader.num_batches() as u64;
+    let layer_of = params.trainable_layers();
+    let counters: Vec<usize> = (0..params.len())
+        .filter(|&i| params.spec(i).kind == ParamKind::BatchesTracked)
+        .collect();
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| RunError::Write {
+        path: metrics_path.clone(),
+        reason: e.to_string(),
+    })?;
+    println!(
+        "training `{}` on {} images ({} test), {} epochs of {} steps, {} backend; run folder {}",
+        model.name,
+        splits.train.len(),
+        splits.test.len(),
+        epochs,
+        steps_per_epoch,
+        match opts.backend {
+            BackendKind::Interp => "interpreter",
+        },
+        out.display()
+    );
+    let mut step: u64 = 0;
+    let mut clip_stats = ClipStats::default();
+    let mut last = (0.0, 0.0);
+    for epoch in 0..epochs {
+        let t0 = Instant::now();
+        let bar = ProgressBar::new(splits.train.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{}/{epochs}", epoch + 1));
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let mut lr = 0.0;
+        for batch in train_loader.train_epoch(epoch) {
+            lr = schedule.lr_at(opt.base_lr(), step, steps_per_epoch, epochs);
+            let seed = (cfg.seed.wrapping_mul(1_000_003).wrapping_add(step) % (1 << 24)) as u32;
+            let mut s = engine
+                .train_step(&params, &batch.x, &batch.labels, batch.n, seed)
+                .map_err(backend_error)?;
+            let outcome = clip(&mut s.grads, &layer_of, &cfg.clip);
+            clip_stats.record(&outcome);
+            opt.step(&mut params, &s.grads, lr);
+            for (i, values) in s.updates {
+                params.data_mut(i).copy_from_slice(&values);
+            }
+            for &i in &counters {
+                let c = params.counter(i).unwrap_or(0);
+                params.set_counter(i, c + 1);
+            }
+            loss_sum += s.loss as f64 * batch.n as f64;
+            correct += s.correct;
+            seen += batch.n;
+            step += 1;
+            bar.set_position(seen as u64);
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "loss {:.4} acc {:.1}% {:.0} img/s",
+                loss_sum / seen as f64,
+                100.0 * correct as f64 / seen as f64,
+                seen as f64 / secs
+            ));
+        }
+        bar.finish_and_clear();
+        let train_secs = t0.elapsed().as_secs_f64();
+        let (test_loss, test_acc) = evaluate(engine.as_mut(), &params, &test_loader)?;
+        let clipped = clip_stats.take();
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_accuracy: correct as f64 / seen.max(1) as f64,
+            test_loss,
+            test_accuracy: test_acc,
+            images_per_sec: seen as f64 / train_secs.max(1e-9),
+            seconds: t0.elapsed().as_secs_f64(),
+            lr,
+            clip_fired: clipped.fired_fraction(),
+            grad_norm_mean: clipped.mean_norm(),
+            grad_norm_max: clipped.max_norm,
+        };
+        println!(
+            "epoch {:>3}/{epochs}  train loss {:.4} acc {:5.1}%  test loss {:.4} acc {:5.1}%  {:>6.0} img/s  {:5.1} s  lr {:.4}  clipped {:.0}%",
+            m.epoch,
+            m.train_loss,
+            100.0 * m.train_accuracy,
+            m.test_loss,
+            100.0 * m.test_accuracy,
+            m.images_per_sec,
+            m.seconds,
+            m.lr,
+            100.0 * m.clip_fired
+        );
+        let line = serde_json::to_string(&m).map_err(|e| RunError::Write {
+            path: metrics_path.clone(),
+            reason: e.to_string(),
+        })?;
+        writeln!(metrics, "{line}").map_err(|e| RunError::Write {
+            path: metrics_path.clone(),
+            reason: e.to_string(),
+        })?;
+        if let Some(ck) = &cfg.checkpoint {
+            if (epoch + 1) % ck.every == 0 {
+                save(
+                    &out,
+                    &format!("epoch-{:04}", epoch + 1),
+                    model,
+                    &params,
+                    &opt,
+                    epoch + 1,
+                    lr,
+                )?;
+                prune(&out, ck.keep as usize)?;
+            }
+        }
+        last = (test_loss, test_acc);
+    }
+    save(&out, "final", model, &params, &opt, epochs, 0.0)?;
+    Ok(RunSummary {
+        out,
+        test_loss: last.0,
+        test_accuracy: last.1,
+    })
+}
+
+fn save(
+    out: &Path,
+    stem: &str,
+    model: &CheckedModel,
+    params: &Params,
+    opt: &Optimizer,
+    epoch: u64,
+    lr: f32,
+) -> Result<(), RunError> {
+    let dir = out.join("checkpoints");
+    checkpoint::save_weights(
+        &dir.join(format!("{stem}.safetensors")),
+        &model.name,
+        params,
+    )?;
+    checkpoint::save_optimizer(
+        &dir.join(format!("{stem}.optimizer.safetensors")),
+        &model.name,
+        params,
+        opt,
+        TrainPoint { epoch, lr },
+    )?;
+    Ok(())
+}
+
+/// Keeps the newest `keep` epoch checkpoints (weights and optimizer state).
+fn prune(out: &Path, keep: usize) -> Result<(), RunError> {
+    let dir = out.join("checkpoints");
+    let mut epochs: Vec<String> = std::fs::read_dir(&dir)
+        .map_err(|e| RunError::Write {
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| {
+            n.starts_with("epoch-") && n.ends_with(".safetensors") && !n.contains(".optimizer.")
+        })
+        .collect();
+    epochs.sort();
+    let remove = epochs.len().saturating_sub(keep);
+    for name in &epochs[..remove] {
+        let stem = name.trim_end_matches(".safetensors");
+        for f in [
+            format!("{stem}.safetensors"),
+            format!("{stem}.optimizer.safetensors"),
+        ] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+    }
+    Ok(())
+}
+
+/// Mean loss and accuracy over a data set, in inference mode.
+fn evaluate(
+    engine: &mut dyn Backend,
+    params: &Params,
+    loader: &Loader<'_>,
+) -> Result<(f64, f64), RunError> {
+    let (mut loss, mut correct, mut n) = (0.0f64, 0usize, 0usize);
+    for b in loader.eval() {
+        let e = engine
+            .eval(params, &b.x, &b.labels, b.n)
+            .map_err(backend_error)?;
+        loss += e.loss as f64 * b.n as f64;
+        correct += e.correct;
+        n += b.n;
+    }
+    Ok((loss / n.max(1) as f64, correct as f64 / n.max(1) as f64))
+}
+
+/// `cnnc eval`: loss and accuracy of saved weights on the file's test data, or on
+/// `data` (`mnist:PATH`, `folder:PATH`).
+pub fn eval(
+    file: &Path,
+    model: &CheckedModel,
+    train: Option<&TrainConfig>,
+    weights: &Path,
+    data: Option<&str>,
+    kind: BackendKind,
+) -> Result<(f64, f64, usize), RunError> {
+    use cnnc_compiler::checked::DataSource;
+    let specs = param_specs(model);
+    let params = checkpoint::load_weights(weights, &specs)?;
+    let (source, base) = match data {
+        Some(spec) => {
+            let (kind, path) = spec
+                .split_once(':')
+                .ok_or_else(|| RunError::DataSpec(spec.into()))?;
+            let source = match kind {
+                "mnist" => DataSource::Mnist { path: path.into() },
+                "folder" => DataSource::Folder {
+                    train: path.into(),
+                    test: Some(path.into()),
+                    split: 0.0,
+                },
+                _ => return Err(RunError::DataSpec(spec.into())),
+            };
+            (source, PathBuf::from("."))
+        }
+        None => (
+            train.ok_or(RunError::NoTrain)?.data.clone(),
+            file.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        ),
+    };
+    let splits = data::load(&source, &base)?;
+    check_data(model, &splits.test)?;
+    let (batch, augment, seed) = match train {
+        Some(t) => (t.batch as usize, t.augment.clone(), t.seed),
+        None => (64, Vec::new(), 0),
+    };
+    let loader = Loader::new(&splits.test, batch, &augment, seed)?;
+    let mut engine = backend(kind, model, train);
+    let (loss, acc) = evaluate(engine.as_mut(), &params, &loader)?;
+    Ok((loss, acc, splits.test.len()))
+}
