@@ -56,9 +56,10 @@ pub(crate) fn uniform(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> f64 {
     lo + (hi - lo) * unit(rng)
 }
 
-/// A uniform `f32` in `[-1, 1)` from 32 random bits (cheap, for pixel noise).
-pub(crate) fn noise(rng: &mut ChaCha8Rng) -> f32 {
-    (rng.next_u32() >> 8) as f32 * (2.0 / (1u32 << 24) as f32) - 1.0
+/// A uniform `f32` in `[-1, 1)` from 16 random bits (cheap, for pixel noise:
+/// one `u64` draw gives four).
+pub(crate) fn noise16(bits: u16) -> f32 {
+    f32::from(bits) * (2.0 / 65536.0) - 1.0
 }
 
 /// Shuffles `v` in place (Fisher–Yates, from the last element down).
@@ -92,6 +93,13 @@ mod tests {
     }
 
     #[test]
+    fn noise_covers_its_range() {
+        assert_eq!(noise16(0), -1.0);
+        assert_eq!(noise16(32768), 0.0);
+        assert!(noise16(u16::MAX) < 1.0 && noise16(u16::MAX) > 0.9999);
+    }
+
+    #[test]
     fn draws_stay_in_range() {
         let mut r = stream(1, Purpose::Shuffle, 0, 0);
         let mut seen = [false; 5];
@@ -100,7 +108,7 @@ mod tests {
             seen[x] = true;
             let u = unit(&mut r);
             assert!((0.0..1.0).contains(&u));
-            let z = noise(&mut r);
+            let z = noise16(r.next_u32() as u16);
             assert!((-1.0..1.0).contains(&z));
             let k = between(&mut r, 3, 4);
             assert!((3..=4).contains(&k));

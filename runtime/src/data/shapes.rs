@@ -15,6 +15,7 @@
 //! stream (a fixed seed, the image size and colour mode, and `i`), the test set
 //! (`n / 5` images) from a different stream, so every run sees the same images.
 
+use rand_chacha::rand_core::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::rng::{self, between, uniform, Purpose};
@@ -77,23 +78,35 @@ pub fn generate(cfg: &ShapesConfig) -> Result<Splits, DataError> {
 fn make_set(cfg: &ShapesConfig, n: usize, purpose: Purpose) -> Dataset {
     let s = cfg.size;
     let c = if cfg.rgb { 3 } else { 1 };
-    let mut images = vec![0.0f32; n * c * s * s];
-    let mut masks = vec![0u8; n * s * s];
-    let mut labels = Vec::with_capacity(n);
+    let (img_len, mask_len) = (c * s * s, s * s);
+    let mut images = vec![0.0f32; n * img_len];
+    let mut masks = vec![0u8; n * mask_len];
+    let labels: Vec<u32> = (0..n).map(|i| (i % cfg.classes) as u32).collect();
     let key = (s as u64) | (u64::from(cfg.rgb) << 32);
-    for i in 0..n {
-        let label = i % cfg.classes;
-        let mut r = rng::stream(SEED, purpose, key, i as u64);
-        draw(
-            &mut r,
-            label,
-            s,
-            cfg.rgb,
-            &mut images[i * c * s * s..(i + 1) * c * s * s],
-            &mut masks[i * s * s..(i + 1) * s * s],
-        );
-        labels.push(label as u32);
-    }
+    // Each image has its own random stream, so the images can be drawn on all
+    // cores and come out the same.
+    let threads = std::thread::available_parallelism()
+        .map(|t| t.get())
+        .unwrap_or(1);
+    let per_thread = n.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let parts = images
+            .chunks_mut(per_thread * img_len)
+            .zip(masks.chunks_mut(per_thread * mask_len));
+        for (t, (imgs, ms)) in parts.enumerate() {
+            let labels = &labels;
+            scope.spawn(move || {
+                let pairs = imgs
+                    .chunks_exact_mut(img_len)
+                    .zip(ms.chunks_exact_mut(mask_len));
+                for (j, (img, mask)) in pairs.enumerate() {
+                    let i = t * per_thread + j;
+                    let mut r = rng::stream(SEED, purpose, key, i as u64);
+                    draw(&mut r, labels[i] as usize, s, cfg.rgb, img, mask);
+                }
+            });
+        }
+    });
     Dataset {
         shape: [c, s, s],
         classes: cfg.classes,
@@ -222,8 +235,12 @@ fn draw(r: &mut ChaCha8Rng, kind: usize, s: usize, rgb: bool, img: &mut [f32], m
     }
 
     // Pixel noise everywhere, then clamp to [0, 1].
-    for v in img.iter_mut() {
-        *v = (*v + 0.04 * rng::noise(r)).clamp(0.0, 1.0);
+    for quad in img.chunks_mut(4) {
+        let mut bits = r.next_u64();
+        for v in quad {
+            *v = (*v + 0.04 * rng::noise16(bits as u16)).clamp(0.0, 1.0);
+            bits >>= 16;
+        }
     }
 }
 
