@@ -103,6 +103,13 @@ pub struct EvalArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Also write the class scores of every evaluated image, in data order, to this
+    /// NumPy file: float32 `[n, classes]`. The labels go beside it as int64 `[n]`
+    /// in `OUT.labels.npy` (`x.npy` → `x.labels.npy`). Each file is written whole
+    /// or not at all (a temporary file, then a rename).
+    #[arg(long, value_name = "OUT.npy")]
+    pub logits: Option<PathBuf>,
+
     /// The engine that runs the graphs.
     #[arg(long, value_enum, default_value_t = crate::train::BackendKind::Interp)]
     pub backend: crate::train::BackendKind,

@@ -151,6 +151,7 @@ fn eval_cmd(args: &EvalArgs, color: bool) -> i32 {
         &args.weights,
         args.data.as_deref(),
         args.backend,
+        args.logits.as_deref(),
     ) {
         Ok((loss, acc, n)) => {
             if args.json {

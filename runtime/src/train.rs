@@ -384,7 +384,10 @@ fn evaluate(
 }
 
 /// `cnnc eval`: loss and accuracy of saved weights on the file's test data, or on
-/// `data` (`mnist:PATH`, `folder:PATH`).
+/// `data` (`mnist:PATH`, `folder:PATH`). With `logits`, also writes the scores of
+/// every image in data order to that `.npy` file and the labels beside it (see
+/// [`labels_path`]).
+#[allow(clippy::too_many_arguments)]
 pub fn eval(
     file: &Path,
     model: &CheckedModel,
@@ -392,6 +395,7 @@ pub fn eval(
     weights: &Path,
     data: Option<&str>,
     kind: BackendKind,
+    logits: Option<&Path>,
 ) -> Result<(f64, f64, usize), RunError> {
     use cnnc_compiler::checked::DataSource;
     let specs = param_specs(model);
@@ -425,6 +429,111 @@ pub fn eval(
     };
     let loader = Loader::new(&splits.test, batch, &augment, seed)?;
     let mut engine = backend(kind, model, train);
-    let (loss, acc) = evaluate(engine.as_mut(), &params, &loader)?;
-    Ok((loss, acc, splits.test.len()))
+    let Some(out) = logits else {
+        let (loss, acc) = evaluate(engine.as_mut(), &params, &loader)?;
+        return Ok((loss, acc, splits.test.len()));
+    };
+    // The same sums as `evaluate`, keeping every batch's scores.
+    let classes = model.shape(model.output())[0] as usize;
+    let (mut loss, mut correct, mut n) = (0.0f64, 0usize, 0usize);
+    let mut scores = Vec::with_capacity(splits.test.len() * classes);
+    for b in loader.eval() {
+        let e = engine
+            .eval(&params, &b.x, &b.labels, b.n)
+            .map_err(backend_error)?;
+        if e.logits.len() != b.n * classes {
+            return Err(backend_error(format!(
+                "{} logits for {} images of {classes} classes",
+                e.logits.len(),
+                b.n
+            )));
+        }
+        scores.extend_from_slice(&e.logits);
+        loss += e.loss as f64 * b.n as f64;
+        correct += e.correct;
+        n += b.n;
+    }
+    let scores = ndarray::Array2::from_shape_vec((n, classes), scores)
+        .map_err(|e| backend_error(e.to_string()))?;
+    let labels = ndarray::Array1::from_iter(splits.test.labels.iter().map(|&l| i64::from(l)));
+    write_npy(out, &scores)?;
+    write_npy(&labels_path(out), &labels)?;
+    let n = n.max(1) as f64;
+    Ok((loss / n, correct as f64 / n, splits.test.len()))
+}
+
+/// Where `cnnc eval --logits OUT` puts the labels: `OUT` with its `.npy` ending
+/// (if any) replaced by `.labels.npy` (`x.npy` → `x.labels.npy`).
+pub fn labels_path(logits: &Path) -> PathBuf {
+    let name = logits
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let stem = name.strip_suffix(".npy").unwrap_or(&name);
+    logits.with_file_name(format!("{stem}.labels.npy"))
+}
+
+/// Writes an array as a NumPy `.npy` file (format v1, little-endian), atomically:
+/// a temporary file in the same folder renamed over `path`, so a failed write
+/// leaves no half-written file.
+pub fn write_npy<A, D>(path: &Path, array: &ndarray::ArrayRef<A, D>) -> Result<(), RunError>
+where
+    A: ndarray_npy::WritableElement,
+    D: ndarray::Dimension,
+{
+    use ndarray_npy::WriteNpyExt;
+    let fail = |reason: String| RunError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut bytes = Vec::new();
+    array
+        .write_npy(&mut bytes)
+        .map_err(|e| fail(e.to_string()))?;
+    checkpoint::write_atomic(path, &bytes).map_err(|e| fail(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_go_beside_the_logits() {
+        assert_eq!(
+            labels_path(Path::new("/tmp/x.npy")),
+            PathBuf::from("/tmp/x.labels.npy")
+        );
+        assert_eq!(
+            labels_path(Path::new("out/scores")),
+            PathBuf::from("out/scores.labels.npy")
+        );
+    }
+
+    #[test]
+    fn npy_files_are_written_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.npy");
+        let a = ndarray::Array2::from_shape_vec((2, 3), vec![1.0f32, 2., 3., 4., 5., 6.]).unwrap();
+        write_npy(&path, &a).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+        let header = String::from_utf8_lossy(&bytes[10..]);
+        assert!(header.contains("'descr': '<f4'"), "{header}");
+        assert!(header.contains("'shape': (2, 3)"), "{header}");
+        assert_eq!(&bytes[bytes.len() - 4..], &6.0f32.to_le_bytes());
+        // The rename fails (a non-empty folder is in the way): an error, and no
+        // temporary file left behind.
+        let blocked = dir.path().join("b.npy");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("keep"), b"x").unwrap();
+        assert!(matches!(
+            write_npy(&blocked, &a),
+            Err(RunError::Write { .. })
+        ));
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.npy", "b.npy"]);
+    }
 }
