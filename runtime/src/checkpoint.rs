@@ -192,12 +192,40 @@ fn encode(
     tensors: &[(String, Raw)],
     meta: HashMap<String, String>,
 ) -> Result<Vec<u8>, CheckpointError> {
-    safetensors::serialize(tensors.iter().map(|(n, r)| (n, r)), Some(meta)).map_err(|e| {
-        CheckpointError::Encode {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        }
+    let bytes =
+        safetensors::serialize(tensors.iter().map(|(n, r)| (n, r)), Some(meta)).map_err(|e| {
+            CheckpointError::Encode {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
+    canonical_header(bytes).map_err(|reason| CheckpointError::Encode {
+        path: path.to_path_buf(),
+        reason,
     })
+}
+
+/// Rewrites the JSON header with its keys in sorted order. `safetensors` writes
+/// the metadata map in hash order, so two saves of the same tensors would differ
+/// byte for byte; sorted, equal checkpoints are equal files. Reordering keeps the
+/// header's length, so every data offset stays valid.
+fn canonical_header(mut bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    let len_bytes: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("no header")?;
+    let n = u64::from_le_bytes(len_bytes) as usize;
+    let header = bytes.get(8..8 + n).ok_or("short header")?;
+    // serde_json's default map is ordered by key.
+    let value: serde_json::Value = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+    let sorted = serde_json::to_string(&value).map_err(|e| e.to_string())?;
+    if sorted.len() > n {
+        return Err("the sorted header is longer than the original".into());
+    }
+    let mut padded = sorted.into_bytes();
+    padded.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&padded);
+    Ok(bytes)
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
