@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# Cross-check: a cnnc checkpoint in the equivalent PyTorch model gives cnnc's logits (max |diff| <= 1e-4).
 """Checks that a cnnc checkpoint gives the same logits in PyTorch as in cnnc.
 
     python3 tools/torch_check.py FILE.cnn CKPT.safetensors [--data mnist:PATH]
