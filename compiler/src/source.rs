@@ -21,6 +21,8 @@ pub struct SourceFile {
     /// Where it was read from; `None` for the built-in standard library.
     pub path: Option<PathBuf>,
     pub text: String,
+    /// Byte offset of the start of every line, for `line_col` by binary search.
+    line_starts: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -41,10 +43,14 @@ impl SourceMap {
 
     pub fn add(&mut self, name: impl Into<String>, path: Option<PathBuf>, text: String) -> FileId {
         let id = FileId(self.files.len() as u32);
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
         self.files.push(SourceFile {
             name: name.into(),
             path,
             text,
+            line_starts,
         });
         id
     }
@@ -73,12 +79,11 @@ impl SourceMap {
 
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, id: FileId, offset: usize) -> (usize, usize) {
-        let text = &self.get(id).text;
-        let offset = offset.min(text.len());
-        let before = &text[..floor_char_boundary(text, offset)];
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let col = before[line_start..].chars().count() + 1;
+        let f = self.get(id);
+        let offset = floor_char_boundary(&f.text, offset.min(f.text.len()));
+        let line = f.line_starts.partition_point(|&s| s <= offset);
+        let line_start = f.line_starts[line - 1];
+        let col = f.text[line_start..offset].chars().count() + 1;
         (line, col)
     }
 
@@ -94,6 +99,13 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
         i -= 1;
     }
     i
+}
+
+impl SourceFile {
+    /// Byte offsets where lines start (the first is 0).
+    pub fn line_starts(&self) -> &[usize] {
+        &self.line_starts
+    }
 }
 
 /// The text of a standard-library file, by import name (`std/blocks.cnn`).

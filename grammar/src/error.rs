@@ -53,6 +53,19 @@ pub enum SyntaxError {
         span: SourceSpan,
     },
 
+    /// Brackets or braces nest deeper than cnnc reads (200 levels): no model needs
+    /// that, and refusing it keeps every stage's recursion bounded.
+    #[error("brackets nest more than {limit} levels deep")]
+    #[diagnostic(
+        code(E0105),
+        help("flatten the nesting; kernel literals need at most 4 levels")
+    )]
+    TooDeep {
+        limit: usize,
+        #[label("too deep")]
+        span: SourceSpan,
+    },
+
     /// A string literal contains a backslash escape that cnnc does not know.
     ///
     /// The escapes are `\"`, `\\`, `\n` and `\t`.
@@ -71,13 +84,20 @@ pub enum SyntaxError {
 }
 
 impl SyntaxError {
+    /// How deeply brackets and braces may nest; deeper input is refused before
+    /// parsing, so no stage recurses without bound.
+    pub const MAX_NESTING: usize = 200;
+}
+
+impl SyntaxError {
     /// The primary byte span of the error.
     pub fn span(&self) -> SourceSpan {
         match self {
             SyntaxError::Unexpected { span, .. }
             | SyntaxError::IntOutOfRange { span, .. }
             | SyntaxError::NumberOutOfRange { span, .. }
-            | SyntaxError::BadEscape { span, .. } => *span,
+            | SyntaxError::BadEscape { span, .. }
+            | SyntaxError::TooDeep { span, .. } => *span,
         }
     }
 }

@@ -24,6 +24,15 @@ pub fn parse(src: &str) -> Parsed {
     static DETAIL: Once = Once::new();
     DETAIL.call_once(|| pest::set_error_detail(true));
 
+    if let Some(at) = too_deep(src) {
+        return Parsed {
+            file: File { items: Vec::new() },
+            errors: vec![SyntaxError::TooDeep {
+                limit: SyntaxError::MAX_NESTING,
+                span: (at, 1).into(),
+            }],
+        };
+    }
     let mut b = Builder {
         src,
         errors: Vec::new(),
@@ -665,6 +674,37 @@ fn describe_rule(r: Rule) -> Option<&'static str> {
         Rule::EOI => "end of file",
         _ => return None,
     })
+}
+
+/// The offset of the first bracket that opens level `MAX_NESTING + 1`, if any
+/// (brackets in strings and comments do not count).
+fn too_deep(src: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut in_str = false;
+    let mut chars = src.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match (in_str, c) {
+            (true, '\\') => {
+                chars.next();
+            }
+            (true, '"' | '\n') => in_str = false,
+            (true, _) => {}
+            (false, '"') => in_str = true,
+            (false, '#') => while chars.next_if(|(_, c)| *c != '\n').is_some() {},
+            (false, '/') if chars.peek().map(|p| p.1) == Some('/') => {
+                while chars.next_if(|(_, c)| *c != '\n').is_some() {}
+            }
+            (false, '(' | '[' | '{') => {
+                depth += 1;
+                if depth > SyntaxError::MAX_NESTING {
+                    return Some(i);
+                }
+            }
+            (false, ')' | ']' | '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The innermost bracket left open in `text` (strings and comments ignored).

@@ -7,8 +7,7 @@
 use cnnc_compiler::diag::{Diag, DiagKind, LoadError};
 use cnnc_compiler::pipeline::Frontend;
 use miette::{
-    Diagnostic, GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource, Severity,
-    SourceCode,
+    Diagnostic, GraphicalReportHandler, GraphicalTheme, LabeledSpan, Severity, SourceCode,
 };
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -38,7 +37,11 @@ pub fn human(fe: &Frontend, width: usize, color: bool) -> String {
             diag,
             source: diag.file.map(|id| {
                 let f = fe.sources.get(id);
-                NamedSource::new(&f.name, f.text.clone())
+                FileSource {
+                    name: &f.name,
+                    text: &f.text,
+                    line_starts: f.line_starts(),
+                }
             }),
         };
         // miette can fail (or, on extreme lines, panic) while laying out a
@@ -215,7 +218,51 @@ fn json_diag(fe: &Frontend, diag: &Diag) -> JsonDiag {
 /// what miette needs to draw the snippet.
 struct Located<'a> {
     diag: &'a Diag,
-    source: Option<NamedSource<String>>,
+    source: Option<FileSource<'a>>,
+}
+
+/// A source file for miette that finds the lines around a span by binary search
+/// over the file's line starts, instead of scanning the text from its start: a
+/// file with thousands of diagnostics renders in linear time, and is not copied.
+struct FileSource<'a> {
+    name: &'a str,
+    text: &'a str,
+    line_starts: &'a [usize],
+}
+
+impl SourceCode for FileSource<'_> {
+    fn read_span<'b>(
+        &'b self,
+        span: &miette::SourceSpan,
+        before: usize,
+        after: usize,
+    ) -> Result<Box<dyn miette::SpanContents<'b> + 'b>, miette::MietteError> {
+        let line_of = |off: usize| {
+            self.line_starts
+                .partition_point(|&s| s <= off)
+                .saturating_sub(1)
+        };
+        let first = line_of(span.offset()).saturating_sub(before);
+        let last = line_of(span.offset() + span.len()) + after + 1;
+        let start = self.line_starts[first];
+        let end = self
+            .line_starts
+            .get(last + 1)
+            .copied()
+            .unwrap_or(self.text.len());
+        let window = &self.text[start..end.max(start)];
+        let local = miette::SourceSpan::from((span.offset().saturating_sub(start), span.len()));
+        let inner = window.read_span(&local, before, after)?;
+        let found = inner.span();
+        Ok(Box::new(miette::MietteSpanContents::new_named(
+            self.name.to_string(),
+            inner.data(),
+            (found.offset() + start, found.len()).into(),
+            inner.line() + first,
+            inner.column(),
+            inner.line_count() + first,
+        )))
+    }
 }
 
 impl fmt::Debug for Located<'_> {

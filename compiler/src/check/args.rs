@@ -247,11 +247,11 @@ impl Checker<'_> {
         })
     }
 
-    fn wrong_type(&mut self, b: &Bound, name: &str, v: &V, expected: &str) {
+    pub fn wrong_type(&mut self, callee: &str, name: &str, v: &V, expected: &str) {
         self.error(
             v.loc,
             CheckError::WrongType {
-                callee: b.callee.clone(),
+                callee: callee.into(),
                 name: name.into(),
                 expected: expected.into(),
                 found: v.kind.describe(),
@@ -306,13 +306,7 @@ impl Checker<'_> {
             }
             VKind::Int(i) => Some(i as u64),
             _ => {
-                let b = Bound {
-                    callee: callee.into(),
-                    call: v.loc,
-                    vals: HashMap::new(),
-                    ok: false,
-                };
-                self.wrong_type(&b, name, v, "an integer");
+                self.wrong_type(callee, name, v, "an integer");
                 None
             }
         }
@@ -337,7 +331,7 @@ impl Checker<'_> {
                 Some([h?, w?])
             }
             VKind::List(_) => {
-                self.wrong_type(b, name, &v, "an integer or a [height, width] pair");
+                self.wrong_type(&b.callee, name, &v, "an integer or a [height, width] pair");
                 None
             }
             _ => self.int_value(&b.callee, name, &v, min).map(|i| [i, i]),
@@ -391,13 +385,7 @@ impl Checker<'_> {
             VKind::Int(i) => i as f64,
             VKind::Float(f) => f,
             _ => {
-                let b = Bound {
-                    callee: callee.into(),
-                    call: v.loc,
-                    vals: HashMap::new(),
-                    ok: false,
-                };
-                self.wrong_type(&b, name, v, "a number");
+                self.wrong_type(callee, name, v, "a number");
                 return None;
             }
         };
@@ -417,7 +405,7 @@ impl Checker<'_> {
             }) => Some(*x),
             Some(v) => {
                 let v = v.clone();
-                self.wrong_type(b, name, &v, "`true` or `false`");
+                self.wrong_type(&b.callee, name, &v, "`true` or `false`");
                 None
             }
         }
@@ -432,7 +420,7 @@ impl Checker<'_> {
             }) => Some(s.clone()),
             Some(v) => {
                 let v = v.clone();
-                self.wrong_type(b, name, &v, "a string");
+                self.wrong_type(&b.callee, name, &v, "a string");
                 None
             }
         }
@@ -462,7 +450,7 @@ impl Checker<'_> {
             }
             Some(v) => {
                 let expected = format!("one of {}", list_names(choices));
-                self.wrong_type(b, name, &v, &expected);
+                self.wrong_type(&b.callee, name, &v, &expected);
                 None
             }
         }

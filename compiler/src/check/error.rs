@@ -155,6 +155,17 @@ pub enum CheckError {
         span: SourceSpan,
     },
 
+    /// Blocks use blocks that use blocks … more than 64 levels deep.
+    ///
+    /// No network needs this; the limit keeps expansion bounded.
+    #[error("blocks nest more than {limit} levels deep")]
+    #[diagnostic(code(E0212), help("use fewer levels of blocks within blocks"))]
+    BlocksTooDeep {
+        limit: usize,
+        #[label("block use at level {}", limit + 1)]
+        span: SourceSpan,
+    },
+
     /// The model expands to more layers than cnnc accepts (repeat counts and
     /// nested blocks multiply).
     #[error("the model expands to more than {limit} layers")]

@@ -140,16 +140,12 @@ impl Checker<'_> {
                     None
                 }
                 VKind::Int(i) => Some(ClassSel::Index(i as u64)),
-                ref k => {
-                    self.error(
-                        v.loc,
-                        CheckError::WrongType {
-                            callee: method_name.into(),
-                            name: "class".into(),
-                            expected: "`predicted`, `label` or a class index".into(),
-                            found: k.describe(),
-                            span: v.loc.span.into(),
-                        },
+                _ => {
+                    self.wrong_type(
+                        method_name,
+                        "class",
+                        &v,
+                        "`predicted`, `label` or a class index",
                     );
                     None
                 }
@@ -241,16 +237,7 @@ impl Checker<'_> {
     ) -> Option<Method> {
         let v = b.get("layer")?.clone();
         let VKind::Sym(name) = &v.kind else {
-            self.error(
-                v.loc,
-                CheckError::WrongType {
-                    callee: method.into(),
-                    name: "layer".into(),
-                    expected: "the name of a layer".into(),
-                    found: v.kind.describe(),
-                    span: v.loc.span.into(),
-                },
-            );
+            self.wrong_type(method, "layer", &v, "the name of a layer");
             return None;
         };
         let m = model?;

@@ -76,10 +76,18 @@ impl<'a> Checker<'a> {
         if !self.reported.insert(key) {
             return;
         }
-        for (block, site) in self.trace.iter().rev() {
+        // The innermost uses, and how many enclosing ones are left out.
+        const SHOWN: usize = 4;
+        for (block, site) in self.trace.iter().rev().take(SHOWN) {
             d.notes.push(format!(
                 "in block `{block}`, used at {}",
                 self.sources.describe(*site)
+            ));
+        }
+        if self.trace.len() > SHOWN {
+            d.notes.push(format!(
+                "… within {} more block uses",
+                self.trace.len() - SHOWN
             ));
         }
         // Inside the standard library the user can change nothing but the use:
@@ -401,6 +409,10 @@ fn resolve_import(
     })?;
     if let Some(id) = sources.find(path, Some(&canon)) {
         return Ok(id);
+    }
+    // A FIFO or device would block or never end: only regular files are read.
+    if !std::fs::metadata(&canon).is_ok_and(|m| m.is_file()) {
+        return Err(("it is not a regular file".into(), None));
     }
     let text = crate::pipeline::read_source(&canon).map_err(|e| (e.to_string(), None))?;
     let name = std::env::current_dir()

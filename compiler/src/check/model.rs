@@ -17,6 +17,8 @@ use std::collections::HashMap;
 
 /// Largest number of layers a model may expand to.
 pub const MAX_LAYERS: usize = 100_000;
+/// How deeply block instances may nest.
+const MAX_BLOCK_DEPTH: usize = 64;
 /// Largest `repeat` count.
 const MAX_REPEAT: i64 = 10_000;
 
@@ -353,17 +355,8 @@ impl Checker<'_> {
                 );
                 None
             }
-            ref k => {
-                self.error(
-                    count.loc,
-                    CheckError::WrongType {
-                        callee: "repeat".into(),
-                        name: "count".into(),
-                        expected: "an integer".into(),
-                        found: k.describe(),
-                        span: count.loc.span.into(),
-                    },
-                );
+            _ => {
+                self.wrong_type("repeat", "count", &count, "an integer");
                 None
             }
         };
@@ -646,17 +639,8 @@ impl Checker<'_> {
             }
             match &a.value.kind {
                 VKind::Sym(s) => ids.push((self.lookup(scopes, s, a.value.loc), a.value.loc)),
-                other => {
-                    self.error(
-                        a.value.loc,
-                        CheckError::WrongType {
-                            callee: op.into(),
-                            name: "inputs".into(),
-                            expected: "the name of a value".into(),
-                            found: other.describe(),
-                            span: a.value.loc.span.into(),
-                        },
-                    );
+                _ => {
+                    self.wrong_type(op, "inputs", &a.value, "the name of a value");
                     ok = false;
                 }
             }
@@ -779,6 +763,19 @@ impl Checker<'_> {
                 },
                 CheckError::RecursiveBlock {
                     name: name.clone(),
+                    span: st.op.span.into(),
+                },
+            );
+            return None;
+        }
+        if self.trace.len() >= MAX_BLOCK_DEPTH {
+            self.error(
+                Loc {
+                    file: use_loc.file,
+                    span: st.op.span,
+                },
+                CheckError::BlocksTooDeep {
+                    limit: MAX_BLOCK_DEPTH,
                     span: st.op.span.into(),
                 },
             );

@@ -223,17 +223,8 @@ impl Checker<'_> {
         match &v.kind {
             VKind::Sym(s) => Some((s.clone(), Vec::new())),
             VKind::Call(c, args) => Some((c.clone(), args.clone())),
-            other => {
-                self.error(
-                    v.loc,
-                    CheckError::WrongType {
-                        callee: "train".into(),
-                        name: setting.into(),
-                        expected: what.into(),
-                        found: other.describe(),
-                        span: v.loc.span.into(),
-                    },
-                );
+            _ => {
+                self.wrong_type("train", setting, v, what);
                 None
             }
         }
@@ -261,17 +252,8 @@ impl Checker<'_> {
                 self.out_of_range("train", key, v.loc, &rule, i.to_string());
                 None
             }
-            ref k => {
-                self.error(
-                    v.loc,
-                    CheckError::WrongType {
-                        callee: "train".into(),
-                        name: key.into(),
-                        expected: "an integer".into(),
-                        found: k.describe(),
-                        span: v.loc.span.into(),
-                    },
-                );
+            _ => {
+                self.wrong_type("train", key, &v, "an integer");
                 None
             }
         }
@@ -387,15 +369,11 @@ impl Checker<'_> {
 
     fn augment(&mut self, v: &V, model: Option<&CheckedModel>) -> Option<Vec<Augment>> {
         let VKind::List(items) = &v.kind else {
-            self.error(
-                v.loc,
-                CheckError::WrongType {
-                    callee: "train".into(),
-                    name: "augment".into(),
-                    expected: "a list such as [random_crop(28, pad=2)]".into(),
-                    found: v.kind.describe(),
-                    span: v.loc.span.into(),
-                },
+            self.wrong_type(
+                "train",
+                "augment",
+                v,
+                "a list such as [random_crop(28, pad=2)]",
             );
             return None;
         };
@@ -622,16 +600,7 @@ impl Checker<'_> {
                         match list {
                             Some(l) if l.len() == 2 => Some([l[0], l[1]]),
                             Some(_) => {
-                                self.error(
-                                    bv.loc,
-                                    CheckError::WrongType {
-                                        callee: name.clone(),
-                                        name: "betas".into(),
-                                        expected: "a pair [beta1, beta2]".into(),
-                                        found: bv.kind.describe(),
-                                        span: bv.loc.span.into(),
-                                    },
-                                );
+                                self.wrong_type(&name, "betas", &bv, "a pair [beta1, beta2]");
                                 None
                             }
                             None => None,
