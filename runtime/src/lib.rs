@@ -1,5 +1,6 @@
-//! The `cnnc` command line: argument parsing, diagnostic rendering, and the
-//! subcommands. (The training runtime joins this crate in a later stage.)
+//! The `cnnc` command line and the training runtime: argument parsing, diagnostic
+//! rendering and the subcommands; data sets, parameters, optimizers, checkpoints,
+//! backends and the training loop.
 
 pub mod backend;
 pub mod checkpoint;
