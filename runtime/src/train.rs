@@ -8,10 +8,10 @@
 
 use crate::backend::{Backend, Interpreter};
 use crate::checkpoint::{self, CheckpointError, TrainPoint};
-use crate::data::{self, DataError, Dataset, Loader};
-use crate::optim::{clip, ClipStats, Optimizer, Schedule};
+use crate::data::{self, Batch, DataError, Dataset, Loader};
+use crate::optim::{clip, ClipOutcome, ClipStats, Optimizer, Schedule};
 use crate::params::{Params, ParamsError};
-use cnnc_compiler::checked::{CheckedModel, Loss, TrainConfig};
+use cnnc_compiler::checked::{CheckedModel, Clip, Loss, TrainConfig};
 use cnnc_compiler::params::{param_specs, ParamKind};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -86,7 +86,70 @@ pub struct RunSummary {
     pub test_loss: f64,
 }
 
-fn backend(
+/// What every training step needs besides the batch: the clip policy, the layer
+/// of each gradient (for `layer_norm` clipping) and the batch counters of the
+/// batchnorm layers.
+pub struct StepPlan<'a> {
+    clip: &'a Clip,
+    layer_of: Vec<usize>,
+    counters: Vec<usize>,
+}
+
+impl<'a> StepPlan<'a> {
+    pub fn new(params: &Params, clip: &'a Clip) -> Self {
+        StepPlan {
+            clip,
+            layer_of: params.trainable_layers(),
+            counters: (0..params.len())
+                .filter(|&i| params.spec(i).kind == ParamKind::BatchesTracked)
+                .collect(),
+        }
+    }
+}
+
+/// What [`train_step`] reports.
+pub struct StepReport {
+    /// Mean loss over the batch.
+    pub loss: f32,
+    /// Images whose top class is the label.
+    pub correct: usize,
+    pub clip: ClipOutcome,
+}
+
+/// One full training step, the single code path of `cnnc run` and `cnnc bench`:
+/// the backend's forward, loss and backward, the clip policy, the optimizer
+/// update at learning rate `lr`, the new batchnorm running statistics and batch
+/// counters.
+pub fn train_step(
+    engine: &mut dyn Backend,
+    params: &mut Params,
+    opt: &mut Optimizer,
+    plan: &StepPlan<'_>,
+    batch: &Batch,
+    seed: u32,
+    lr: f32,
+) -> Result<StepReport, RunError> {
+    let mut s = engine
+        .train_step(params, &batch.x, &batch.labels, batch.n, seed)
+        .map_err(backend_error)?;
+    let clip = clip(&mut s.grads, &plan.layer_of, plan.clip);
+    opt.step(params, &s.grads, lr);
+    for (i, values) in s.updates {
+        params.data_mut(i).copy_from_slice(&values);
+    }
+    for &i in &plan.counters {
+        let c = params.counter(i).unwrap_or(0);
+        params.set_counter(i, c + 1);
+    }
+    Ok(StepReport {
+        loss: s.loss,
+        correct: s.correct,
+        clip,
+    })
+}
+
+/// The engine `kind` for `model` (the loss settings come from `train`).
+pub(crate) fn backend(
     kind: BackendKind,
     model: &CheckedModel,
     train: Option<&TrainConfig>,
@@ -100,7 +163,7 @@ fn backend(
     }
 }
 
-fn backend_error(message: String) -> RunError {
+pub(crate) fn backend_error(message: String) -> RunError {
     RunError::Backend {
         backend: "interp",
         message,
@@ -188,10 +251,7 @@ pub fn run(
     let train_loader = Loader::from_config(&splits.train, cfg)?;
     let test_loader = Loader::from_config(&splits.test, cfg)?;
     let steps_per_epoch = train_loader.num_batches() as u64;
-    let layer_of = params.trainable_layers();
-    let counters: Vec<usize> = (0..params.len())
-        .filter(|&i| params.spec(i).kind == ParamKind::BatchesTracked)
-        .collect();
+    let plan = StepPlan::new(&params, &cfg.clip);
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| RunError::Write {
         path: metrics_path.clone(),
@@ -226,19 +286,16 @@ pub fn run(
         for batch in train_loader.train_epoch(epoch) {
             lr = schedule.lr_at(opt.base_lr(), step, steps_per_epoch, epochs);
             let seed = (cfg.seed.wrapping_mul(1_000_003).wrapping_add(step) % (1 << 24)) as u32;
-            let mut s = engine
-                .train_step(&params, &batch.x, &batch.labels, batch.n, seed)
-                .map_err(backend_error)?;
-            let outcome = clip(&mut s.grads, &layer_of, &cfg.clip);
-            clip_stats.record(&outcome);
-            opt.step(&mut params, &s.grads, lr);
-            for (i, values) in s.updates {
-                params.data_mut(i).copy_from_slice(&values);
-            }
-            for &i in &counters {
-                let c = params.counter(i).unwrap_or(0);
-                params.set_counter(i, c + 1);
-            }
+            let s = train_step(
+                engine.as_mut(),
+                &mut params,
+                &mut opt,
+                &plan,
+                &batch,
+                seed,
+                lr,
+            )?;
+            clip_stats.record(&s.clip);
             loss_sum += s.loss as f64 * batch.n as f64;
             correct += s.correct;
             seen += batch.n;
