@@ -37,6 +37,9 @@ pub enum Command {
     Run(RunArgs),
     /// Loss and accuracy of saved weights on a data set.
     Eval(EvalArgs),
+    /// Time a model's training step, inference and compilation on synthetic
+    /// batches of its batch size; report peak memory and the CPU features used.
+    Bench(BenchArgs),
     /// Show what a compiler stage produced for a file.
     Dump(DumpArgs),
     /// Print the long explanation of a diagnostic code (e.g. `E0401`).
@@ -113,6 +116,40 @@ pub struct EvalArgs {
     /// The engine that runs the graphs.
     #[arg(long, value_enum, default_value_t = crate::train::BackendKind::Interp)]
     pub backend: crate::train::BackendKind,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The `.cnn` file (its `train` section gives the batch size, optimizer,
+    /// clip policy and loss; its data is not read).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Timed training steps (and timed inference batches).
+    #[arg(long, value_name = "N", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub steps: u64,
+
+    /// Untimed steps after the first one, before the timed ones.
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub warmup: u64,
+
+    /// Threads to run on. The interpreter is single-threaded: it runs on one
+    /// whatever this says, and the report says so.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub threads: u64,
+
+    /// The engine that runs the graphs.
+    #[arg(long, value_enum, default_value_t = crate::train::BackendKind::Interp)]
+    pub backend: crate::train::BackendKind,
+
+    /// Print one JSON object: `train_step_ms` and `infer_ms` as `{median, min,
+    /// max}`, `compile_ms`, `first_step_ms`, `peak_bytes` (null where unknown),
+    /// `backend`, `threads`, `batch`, `steps`, `isa`, images per second.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

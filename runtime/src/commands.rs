@@ -3,8 +3,8 @@
 //! become diagnostics, and stdout closing early (`cnnc … | head`) is not an error.
 
 use crate::cli::{
-    CheckArgs, Cli, Color, Command, DumpArgs, EvalArgs, ExplainCodeArgs, MessageFormat, RunArgs,
-    Stage,
+    BenchArgs, CheckArgs, Cli, Color, Command, DumpArgs, EvalArgs, ExplainCodeArgs, MessageFormat,
+    RunArgs, Stage,
 };
 use crate::{codes, render};
 use cnnc_compiler::diag::{Diag, DiagKind};
@@ -30,6 +30,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Check(args) => check(&args, color),
         Command::Run(args) => run_cmd(&args, color),
         Command::Eval(args) => eval_cmd(&args, color),
+        Command::Bench(args) => bench_cmd(&args, color),
         Command::Dump(args) => dump(&args, color),
         Command::ExplainCode(args) => explain_code(&args),
     }
@@ -165,6 +166,36 @@ fn eval_cmd(args: &EvalArgs, color: bool) -> i32 {
                     100.0 * acc
                 ));
             }
+            exit::OK
+        }
+        Err(e) => run_error(e),
+    }
+}
+
+fn bench_cmd(args: &BenchArgs, color: bool) -> i32 {
+    let checked = match checked_model(&args.file, color) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(model) = &checked.model else {
+        return internal_error("checked_model returned no model");
+    };
+    let opts = crate::bench::BenchOptions {
+        steps: usize::try_from(args.steps).unwrap_or(usize::MAX),
+        warmup: usize::try_from(args.warmup).unwrap_or(usize::MAX),
+        backend: args.backend,
+        threads: usize::try_from(args.threads).unwrap_or(1),
+    };
+    match crate::bench::run(model, checked.train.as_ref(), &opts) {
+        Ok(r) if args.json => match serde_json::to_string(&r) {
+            Ok(json) => {
+                print_out(&format!("{json}\n"));
+                exit::OK
+            }
+            Err(e) => internal_error(&format!("cannot serialise the bench report: {e}")),
+        },
+        Ok(r) => {
+            print_out(&crate::bench::human(&r));
             exit::OK
         }
         Err(e) => run_error(e),

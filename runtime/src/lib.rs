@@ -3,6 +3,7 @@
 //! backends and the training loop.
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod codes;

@@ -1,0 +1,137 @@
+//! `cnnc bench` end to end on a tiny model: the `--json` object has every field
+//! scripts rely on (bench/compare.py among them) with positive times, the human
+//! block is printed, no data file is read, and bad input is an error, not a panic.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn cnnc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cnnc"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("cnnc runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The data folder does not exist: bench uses synthetic batches only.
+const TINY: &str = "model Tiny {
+  input image: [1, 12, 12]
+  conv c1(4, kernel=3, pad=1, bias=false)
+  batchnorm
+  relu
+  maxpool(2)
+  conv c2(8, kernel=3, pad=1)
+  relu
+  global_avg_pool
+  linear fc(3)
+}
+train {
+  data = folder(\"no-such-folder\")
+  batch = 8
+  optimizer = sgd(lr=0.01, momentum=0.9)
+  clip = norm(1.0)
+}
+";
+
+fn write(d: &Path, name: &str, src: &str) -> String {
+    let f = d.join(name);
+    std::fs::write(&f, src).unwrap();
+    f.to_string_lossy().into_owned()
+}
+
+fn positive_spread(v: &serde_json::Value, key: &str) {
+    let s = &v[key];
+    let (med, min, max) = (
+        s["median"].as_f64().unwrap_or(-1.0),
+        s["min"].as_f64().unwrap_or(-1.0),
+        s["max"].as_f64().unwrap_or(-1.0),
+    );
+    assert!(min > 0.0 && min <= med && med <= max, "{key}: {s}");
+}
+
+#[test]
+fn json_has_every_field_with_positive_times() {
+    let d = tempfile::tempdir().unwrap();
+    let f = write(d.path(), "tiny.cnn", TINY);
+    let out = cnnc(&["bench", &f, "--steps", "2", "--warmup", "1", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "one JSON object: {stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    positive_spread(&v, "train_step_ms");
+    positive_spread(&v, "infer_ms");
+    for key in ["compile_ms", "first_step_ms", "train_images_per_sec"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+    }
+    if cfg!(target_os = "linux") {
+        assert!(v["peak_bytes"].as_u64().is_some_and(|b| b > 0), "{v}");
+    } else {
+        assert!(v["peak_bytes"].is_u64() || v["peak_bytes"].is_null(), "{v}");
+    }
+    assert_eq!(v["backend"], "interp");
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["batch"], 8);
+    assert_eq!(v["steps"], 2);
+    assert_eq!(v["model"], "Tiny");
+    for key in ["avx", "avx2", "fma", "avx512f"] {
+        assert!(v["isa"][key].is_boolean(), "isa.{key}: {v}");
+    }
+    assert!(v["isa"]["used"].is_string(), "{v}");
+    assert!(v["last_loss"].as_f64().is_some_and(f64::is_finite), "{v}");
+}
+
+#[test]
+fn human_block_and_threads_note() {
+    let d = tempfile::tempdir().unwrap();
+    let f = write(d.path(), "tiny.cnn", TINY);
+    let out = cnnc(&[
+        "bench",
+        &f,
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    for want in [
+        "bench `Tiny`: interp backend, 1 thread, batch 8",
+        "2 threads asked for",
+        "compile",
+        "train step",
+        "inference",
+        "peak memory",
+        "isa",
+    ] {
+        assert!(s.contains(want), "missing `{want}` in:\n{s}");
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let d = tempfile::tempdir().unwrap();
+    let no_train = write(
+        d.path(),
+        "no_train.cnn",
+        "model M {\n  input image: [1, 8, 8]\n  global_avg_pool\n  linear fc(2)\n}\n",
+    );
+    let out = cnnc(&["bench", &no_train, "--steps", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no `train` section"));
+
+    let missing = d.path().join("missing.cnn");
+    let out = cnnc(&["bench", &missing.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+
+    let tiny = write(d.path(), "tiny.cnn", TINY);
+    for bad in [["--steps", "0"], ["--threads", "0"], ["--backend", "gpu"]] {
+        let out = cnnc(&["bench", &tiny, bad[0], bad[1]]);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", text(&out.stderr));
+    }
+}
