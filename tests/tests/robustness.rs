@@ -206,27 +206,39 @@ fn json_violations(fe: &Frontend, json: &str) -> Vec<String> {
 struct Outcome {
     violations: Vec<String>,
     elapsed: Duration,
-    errors: bool,
+    /// The codes of the diagnostics, in order (`None` after a panic).
+    codes: Option<Vec<String>>,
+}
+
+impl Outcome {
+    fn errors(&self) -> bool {
+        self.codes
+            .as_ref()
+            .is_none_or(|c| c.iter().any(|c| c.starts_with('E')))
+    }
 }
 
 /// Checks and renders `text` as if read from `name`, catching panics.
 fn run_case(name: &str, text: &str) -> Outcome {
     let t = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| check_text(name, text)));
-    let (violations, errors) = match result {
+    let (violations, codes) = match result {
         Err(p) => (
             vec![format!(
                 "check_text panicked: {}",
                 panic_message(p.as_ref())
             )],
-            true,
+            None,
         ),
-        Ok(fe) => (violations(&fe), fe.has_errors()),
+        Ok(fe) => (
+            violations(&fe),
+            Some(fe.diags.iter().map(|d| d.code_str()).collect()),
+        ),
     };
     Outcome {
         violations,
         elapsed: t.elapsed(),
-        errors,
+        codes,
     }
 }
 
@@ -279,7 +291,7 @@ fn run_corpus(what: &str, cases: Vec<Case>) {
         match rx.recv_timeout(TIME_LIMIT) {
             Ok((i, o)) => {
                 done += 1;
-                with_errors += usize::from(o.errors);
+                with_errors += usize::from(o.errors());
                 if o.elapsed > slowest.0 {
                     slowest = (o.elapsed, i);
                 }
@@ -922,6 +934,7 @@ fn regressions() {
 /// process (see [`in_child`]).
 fn pathological(name: &str) -> Option<String> {
     const N: usize = 10_000;
+    const LIMIT: usize = cnnc_grammar::SyntaxError::MAX_NESTING;
     let model = |body: String| format!("model M {{\n  input x: [1, 8, 8]\n{body}\n}}\n");
     Some(match name {
         "open-brackets" => "[".repeat(N),
@@ -950,8 +963,24 @@ fn pathological(name: &str) -> Option<String> {
             "repeat 1 { ".repeat(N),
             " }".repeat(N)
         )),
-        // 400 deep: about 1 s in a release build, 30 s in a debug build.
         "open-repeats" => model("  repeat 2 {\n".repeat(400)),
+        // As deep as the parser accepts (`model M {` is the first level).
+        "open-repeats-at-limit" => model("  repeat 2 {\n".repeat(LIMIT - 1)),
+        "closed-repeats-at-limit" => model(format!(
+            "  {}relu{}",
+            "repeat 1 { ".repeat(LIMIT - 1),
+            " }".repeat(LIMIT - 1)
+        )),
+        "closed-calls-at-limit" => model(format!(
+            "  conv(1, kernel={}1{})",
+            "f(".repeat(LIMIT - 2),
+            ")".repeat(LIMIT - 2)
+        )),
+        "closed-lists-at-limit" => model(format!(
+            "  conv(1, weights={}1{})",
+            "[".repeat(LIMIT - 2),
+            "]".repeat(LIMIT - 2)
+        )),
         "block-chain" => {
             let mut s: String = (0..N)
                 .map(|i| format!("block b{i}() {{\n  b{}\n}}\n", i + 1))
@@ -962,7 +991,7 @@ fn pathological(name: &str) -> Option<String> {
         }
         "long-line-in-model" => model(format!("  {}relu)", " ".repeat(70_000))),
         "many-lines" => model("  relu\n".repeat(N)),
-        "many-errors" => model("  conv(\n".repeat(N)),
+        "many-errors" => model("  conv(,)\n".repeat(N / 4)),
         _ => return None,
     })
 }
@@ -1049,6 +1078,12 @@ fn child_process_entry() {
         .expect("spawn")
         .join()
         .expect("run_case catches panics");
+    let mut codes = outcome.codes.clone().unwrap_or_default();
+    codes.dedup();
+    println!(
+        "robustness child: {spec}: {:.1?}, diagnostics {codes:?}",
+        outcome.elapsed
+    );
     for v in &outcome.violations {
         println!("violation: {v}");
     }
@@ -1091,48 +1126,55 @@ fn deep_unclosed_braces_do_not_overflow_the_stack() {
     check_pathological("open-braces-after-model");
 }
 
-/// KNOWN BUG (reported), release builds only: the AST builder recurses once per
-/// level and overflows at 10 000 levels. In debug builds pest's own stack guard
-/// stops the parse first (at a few hundred levels), so this passes there; run
-/// `cargo test --release` to see it fail.
+/// 10 000 nested lists once overflowed the AST builder's stack in release builds
+/// (in debug builds pest's stack guard stopped the parse first, so only
+/// `cargo test --release` showed it). Nesting past the limit is now E0105.
 #[test]
 fn deep_nested_lists_do_not_overflow_the_stack() {
     check_pathological("closed-lists");
 }
 
-/// KNOWN BUG (reported), release builds only: `f(f(f(…)))` 10 000 deep overflows
-/// the stack in the AST builder (debug builds stop earlier, in pest's stack guard).
+/// `f(f(f(…)))` 10 000 deep once overflowed the AST builder's stack in release
+/// builds.
 #[test]
 fn deep_nested_calls_do_not_overflow_the_stack() {
     check_pathological("closed-calls-in-args");
     check_pathological("closed-calls-in-train");
 }
 
-/// KNOWN BUG (reported), release builds only: `repeat 1 { repeat 1 { … } }`
-/// 10 000 deep overflows the stack in the AST builder (debug builds stop earlier,
-/// in pest's stack guard).
+/// `repeat 1 { repeat 1 { … } }` 10 000 deep once overflowed the AST builder's
+/// stack in release builds.
 #[test]
 fn deep_nested_repeats_do_not_overflow_the_stack() {
     check_pathological("closed-repeats");
 }
 
-/// KNOWN BUG (reported): unclosed `repeat 2 {` lines take time more than
-/// quadratic in their number: 400 of them take about 30 s in a debug build.
+/// Unclosed `repeat 2 {` lines once took time more than quadratic in their
+/// number (400 of them: 30 s in a debug build); past the nesting limit they are
+/// now refused up front, so the case at the limit is the one that measures.
 #[test]
 fn deep_unclosed_repeats_finish_in_time() {
     check_pathological("open-repeats");
+    check_pathological("open-repeats-at-limit");
 }
 
-/// KNOWN BUG (reported): a chain of 10 000 blocks, each using the next, overflows
-/// the checker's stack.
+/// Nesting as deep as the parser accepts: parsed, checked and rendered in time.
+#[test]
+fn nesting_at_the_limit_is_checked_in_time() {
+    check_pathological("closed-repeats-at-limit");
+    check_pathological("closed-calls-at-limit");
+    check_pathological("closed-lists-at-limit");
+}
+
+/// A chain of 10 000 blocks, each using the next, once overflowed the checker's
+/// stack (in debug builds too); it is now E0212.
 #[test]
 fn long_block_chains_do_not_overflow_the_stack() {
     check_pathological("block-chain");
 }
 
-/// KNOWN BUG (reported): a diagnostic past column 65 535 panics in miette's
-/// graphical renderer ("Formatting argument out of range"); also in
-/// `tests/robustness/regressions/`.
+/// A diagnostic past column 65 535 once panicked in miette's graphical renderer
+/// ("Formatting argument out of range"); also in `tests/robustness/regressions/`.
 #[test]
 fn very_long_lines_render() {
     check_pathological("long-line-in-model");
@@ -1144,9 +1186,8 @@ fn long_files_and_many_errors_finish_in_time() {
     check_pathological("many-errors");
 }
 
-/// KNOWN BUG (reported): importing a FIFO blocks forever (and `import "/dev/zero"`
-/// reads until memory runs out): imports are read without checking that they are
-/// regular files.
+/// Importing a FIFO once blocked forever (and `import "/dev/zero"` read until
+/// memory ran out): imports must now be regular files.
 #[cfg(unix)]
 #[test]
 fn importing_a_fifo_does_not_hang() {
