@@ -694,6 +694,16 @@ fn too_deep(src: &str) -> Option<usize> {
             (false, '/') if chars.peek().map(|p| p.1) == Some('/') => {
                 while chars.next_if(|(_, c)| *c != '\n').is_some() {}
             }
+            (false, '/') if chars.peek().map(|p| p.1) == Some('*') => {
+                chars.next();
+                let mut prev = ' ';
+                for (_, c) in chars.by_ref() {
+                    if prev == '*' && c == '/' {
+                        break;
+                    }
+                    prev = c;
+                }
+            }
             (false, '(' | '[' | '{') => {
                 depth += 1;
                 if depth > SyntaxError::MAX_NESTING {

@@ -281,3 +281,21 @@ fn empty_and_blank_files() {
     check("", expect![[""]]);
     check("\n\n  # only a comment\n", expect![[""]]);
 }
+
+#[test]
+fn brackets_in_comments_do_not_count_towards_the_nesting_limit() {
+    let deep = "(".repeat(250);
+    let src = format!("/* {deep} */\n# {deep}\n// {deep}\nmodel M {{ relu }}\n");
+    let parsed = parse(&src);
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    let too_deep = format!("train {{ x = {}1{} }}", "[".repeat(201), "]".repeat(201));
+    let parsed = parse(&too_deep);
+    assert!(
+        matches!(
+            parsed.errors.as_slice(),
+            [cnnc_grammar::SyntaxError::TooDeep { .. }]
+        ),
+        "{:?}",
+        parsed.errors
+    );
+}
