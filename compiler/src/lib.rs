@@ -6,6 +6,7 @@
 
 pub mod check;
 pub mod checked;
+pub mod codegen;
 pub mod diag;
 pub mod interp;
 pub mod ir;
