@@ -3,7 +3,7 @@
 //! for elementwise kernels, 5e-4 for conv2d), also when the batch is split into
 //! work ranges; plus the ISA report, the CLIF dump and freeing on drop.
 
-use cnnc_compiler::codegen::{Jit, KernelSpec};
+use cnnc_compiler::codegen::{Jit, KernelSpec, OptLevel};
 use cnnc_compiler::interp::{run, Tensor};
 use cnnc_compiler::ir::*;
 use ndarray::{ArrayD, IxDyn};
@@ -217,8 +217,15 @@ fn conv2d_matches_the_interpreter_on_random_shapes() {
 
 #[test]
 fn conv2d_common_layers() {
+    for opt in [OptLevel::Speed, OptLevel::None] {
+        let mut j = Jit::with_opt_level(opt).unwrap();
+        j.set_disasm(true);
+        common_layers(j);
+    }
+}
+
+fn common_layers(mut j: Jit) {
     let mut rng = Rng(0x5eed_0003);
-    let mut j = jit();
     let same3 = ConvAttrs {
         stride: [1, 1],
         pad: [1, 1],
