@@ -148,8 +148,7 @@ pub fn train_step(
     })
 }
 
-/// The engine `kind` for `model` (the loss settings come from `train`).
-pub(crate) fn backend(
+fn backend(
     kind: BackendKind,
     model: &CheckedModel,
     train: Option<&TrainConfig>,
