@@ -569,35 +569,46 @@ impl ConvGeom {
         self.cg * self.kh * self.kw
     }
 
-    /// The input pixel read by column position (row r, output pixel p), if any.
-    fn source(&self, r: usize, p: usize) -> Option<(usize, usize, usize)> {
-        let ci = r / (self.kh * self.kw);
-        let ky = (r / self.kw) % self.kh;
-        let kx = r % self.kw;
-        let (oy, ox) = (p / self.wo, p % self.wo);
-        let iy =
-            (oy * self.a.stride[0] + ky * self.a.dilation[0]) as isize - self.a.pad[0] as isize;
-        let ix =
-            (ox * self.a.stride[1] + kx * self.a.dilation[1]) as isize - self.a.pad[1] as isize;
-        (iy >= 0 && ix >= 0 && (iy as usize) < self.h && (ix as usize) < self.w).then_some((
-            ci,
-            iy as usize,
-            ix as usize,
-        ))
+    /// Calls `f(col, pixel)` for every entry of the im2col matrix that reads an
+    /// input pixel (padding reads nothing): `col` indexes the `[rows, Ho·Wo]`
+    /// matrix, `pixel` the group's input block `[Cg, H, W]`.
+    fn taps(&self, mut f: impl FnMut(usize, usize)) {
+        let cols = self.ho * self.wo;
+        let (sy, sx) = (self.a.stride[0], self.a.stride[1]);
+        let (dy, dx) = (self.a.dilation[0], self.a.dilation[1]);
+        let (py, px) = (self.a.pad[0] as isize, self.a.pad[1] as isize);
+        for ci in 0..self.cg {
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let r = (ci * self.kh + ky) * self.kw + kx;
+                    for oy in 0..self.ho {
+                        let iy = (oy * sy + ky * dy) as isize - py;
+                        if iy < 0 || iy as usize >= self.h {
+                            continue;
+                        }
+                        let row = (ci * self.h + iy as usize) * self.w;
+                        for ox in 0..self.wo {
+                            let ix = (ox * sx + kx * dx) as isize - px;
+                            if ix >= 0 && (ix as usize) < self.w {
+                                f(r * cols + oy * self.wo + ox, row + ix as usize);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Offset of image `n`, group `g`'s input block `[Cg, H, W]`.
+    fn block(&self, n: usize, g: usize) -> usize {
+        (n * self.c + g * self.cg) * self.h * self.w
     }
 
     /// im2col of image `n`, group `g`.
     fn im2col<T: Scalar>(&self, x: &[T], n: usize, g: usize) -> Vec<T> {
-        let cols = self.ho * self.wo;
-        let mut m = vec![T::zero(); self.rows() * cols];
-        for r in 0..self.rows() {
-            for p in 0..cols {
-                if let Some((ci, iy, ix)) = self.source(r, p) {
-                    let c = g * self.cg + ci;
-                    m[r * cols + p] = x[((n * self.c + c) * self.h + iy) * self.w + ix];
-                }
-            }
-        }
+        let mut m = vec![T::zero(); self.rows() * self.ho * self.wo];
+        let x = &x[self.block(n, g)..];
+        self.taps(|col, pixel| m[col] = x[pixel]);
         m
     }
 }
@@ -654,14 +665,8 @@ fn conv2d_grad_input<T: Scalar>(
                 T::zero(),
                 &mut ArrayViewMut2::from_shape((geo.rows(), cols), &mut dcol).expect("columns"),
             );
-            for r in 0..geo.rows() {
-                for p in 0..cols {
-                    if let Some((ci, iy, ix)) = geo.source(r, p) {
-                        let idx = ((n * geo.c + g * geo.cg + ci) * geo.h + iy) * geo.w + ix;
-                        dx[idx] = dx[idx] + dcol[r * cols + p];
-                    }
-                }
-            }
+            let block = geo.block(n, g);
+            geo.taps(|col, pixel| dx[block + pixel] = dx[block + pixel] + dcol[col]);
         }
     }
     tensor(xshape, dx)
