@@ -724,20 +724,40 @@ fn windows(x: &[usize], y: &[usize], p: &PoolAttrs, mut f: impl FnMut(usize, Opt
     }
 }
 
-/// Index of the first maximum of each window.
+/// Index of the first maximum of each window (padding excluded).
 fn argmax_windows<T: Scalar>(x: &Tensor<T>, p: &PoolAttrs, out: &[usize]) -> Vec<usize> {
     let xs = sl(x);
-    let mut best: Vec<Option<usize>> = vec![None; out.iter().product()];
-    windows(x.shape(), out, p, |o, i| {
-        if let Some(i) = i {
-            if best[o].is_none_or(|b| xs[i] > xs[b]) {
-                best[o] = Some(i);
+    let s = x.shape();
+    let (h, w) = (s[2] as isize, s[3] as isize);
+    let (ho, wo) = (out[2], out[3]);
+    let mut best = Vec::with_capacity(out.iter().product());
+    for nc in 0..s[0] * s[1] {
+        let plane = nc * s[2] * s[3];
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let mut b = usize::MAX;
+                for ky in 0..p.kernel[0] {
+                    let iy = (oy * p.stride[0] + ky) as isize - p.pad[0] as isize;
+                    if iy < 0 || iy >= h {
+                        continue;
+                    }
+                    for kx in 0..p.kernel[1] {
+                        let ix = (ox * p.stride[1] + kx) as isize - p.pad[1] as isize;
+                        if ix < 0 || ix >= w {
+                            continue;
+                        }
+                        let i = plane + (iy * w + ix) as usize;
+                        if b == usize::MAX || xs[i] > xs[b] {
+                            b = i;
+                        }
+                    }
+                }
+                // Every window overlaps the input: pad is at most half the kernel.
+                best.push(b);
             }
         }
-    });
-    best.into_iter()
-        .map(|b| b.expect("every window overlaps the input"))
-        .collect()
+    }
+    best
 }
 
 fn maxpool<T: Scalar>(x: &Tensor<T>, p: &PoolAttrs, out: &[usize]) -> Tensor<T> {
