@@ -310,7 +310,7 @@ pub fn run(
         }
         bar.finish_and_clear();
         let train_secs = t0.elapsed().as_secs_f64();
-        let (test_loss, test_acc) = evaluate(engine.as_mut(), &params, &test_loader)?;
+        let (test_loss, test_acc) = evaluate(engine.as_mut(), &params, &test_loader, None)?;
         let clipped = clip_stats.take();
         let m = EpochMetrics {
             epoch: epoch + 1,
@@ -426,12 +426,16 @@ fn evaluate(
     engine: &mut dyn Backend,
     params: &Params,
     loader: &Loader<'_>,
+    mut scores: Option<&mut Vec<f32>>,
 ) -> Result<(f64, f64), RunError> {
     let (mut loss, mut correct, mut n) = (0.0f64, 0usize, 0usize);
     for b in loader.eval() {
         let e = engine
             .eval(params, &b.x, &b.labels, b.n)
             .map_err(backend_error)?;
+        if let Some(s) = scores.as_deref_mut() {
+            s.extend_from_slice(&e.logits);
+        }
         loss += e.loss as f64 * b.n as f64;
         correct += e.correct;
         n += b.n;
@@ -486,36 +490,18 @@ pub fn eval(
     let loader = Loader::new(&splits.test, batch, &augment, seed)?;
     let mut engine = backend(kind, model, train);
     let Some(out) = logits else {
-        let (loss, acc) = evaluate(engine.as_mut(), &params, &loader)?;
+        let (loss, acc) = evaluate(engine.as_mut(), &params, &loader, None)?;
         return Ok((loss, acc, splits.test.len()));
     };
-    // The same sums as `evaluate`, keeping every batch's scores.
     let classes = model.shape(model.output())[0] as usize;
-    let (mut loss, mut correct, mut n) = (0.0f64, 0usize, 0usize);
     let mut scores = Vec::with_capacity(splits.test.len() * classes);
-    for b in loader.eval() {
-        let e = engine
-            .eval(&params, &b.x, &b.labels, b.n)
-            .map_err(backend_error)?;
-        if e.logits.len() != b.n * classes {
-            return Err(backend_error(format!(
-                "{} logits for {} images of {classes} classes",
-                e.logits.len(),
-                b.n
-            )));
-        }
-        scores.extend_from_slice(&e.logits);
-        loss += e.loss as f64 * b.n as f64;
-        correct += e.correct;
-        n += b.n;
-    }
-    let scores = ndarray::Array2::from_shape_vec((n, classes), scores)
-        .map_err(|e| backend_error(e.to_string()))?;
+    let (loss, acc) = evaluate(engine.as_mut(), &params, &loader, Some(&mut scores))?;
+    let scores = ndarray::Array2::from_shape_vec((splits.test.len(), classes), scores)
+        .map_err(|e| backend_error(format!("logits do not fill [images, {classes}]: {e}")))?;
     let labels = ndarray::Array1::from_iter(splits.test.labels.iter().map(|&l| i64::from(l)));
     write_npy(out, &scores)?;
     write_npy(&labels_path(out), &labels)?;
-    let n = n.max(1) as f64;
-    Ok((loss / n, correct as f64 / n, splits.test.len()))
+    Ok((loss, acc, splits.test.len()))
 }
 
 /// Where `cnnc eval --logits OUT` puts the labels: `OUT` with its `.npy` ending

@@ -368,8 +368,7 @@ fn resolve_import(
     from: FileId,
     path: &str,
 ) -> Result<FileId, (String, Option<String>)> {
-    if let Some(rest) = path.strip_prefix("std/") {
-        let _ = rest;
+    if path.starts_with("std/") {
         if let Some(id) = sources.find(path, None) {
             return Ok(id);
         }

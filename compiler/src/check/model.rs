@@ -664,20 +664,24 @@ impl Checker<'_> {
             );
             return None;
         }
-        if !ok || ids.iter().any(|(v, _)| v.is_none()) {
+        // Every input known (an unknown one was already reported).
+        let known: Vec<(ValueId, Loc)> = ids
+            .iter()
+            .map(|&(v, l)| v.map(|v| (v, l)))
+            .collect::<Option<_>>()?;
+        if !ok {
             return None;
         }
         let file = op_loc.file;
-        let (first, first_loc) = (ids[0].0.unwrap(), ids[0].1);
+        let (first, first_loc) = known[0];
         let mut shape = mb.shape(first).clone();
-        for &(v, loc) in &ids[1..] {
-            let other = mb.shape(v.unwrap()).clone();
+        for &(v, loc) in &known[1..] {
+            let other = mb.shape(v).clone();
             let left_span = span_in(first_loc, file, op_loc.span);
             let right_span = span_in(loc, file, op_loc.span);
             if op == "add" {
                 if other != shape {
-                    let help =
-                        add_help(&shape, &other, mb.describe(first), mb.describe(v.unwrap()));
+                    let help = add_help(&shape, &other, mb.describe(first), mb.describe(v));
                     self.error(
                         loc,
                         CheckError::AddShapes {
@@ -721,7 +725,7 @@ impl Checker<'_> {
         } else {
             (Op::Concat, "concat")
         };
-        let inputs = ids.iter().map(|(v, _)| v.unwrap()).collect();
+        let inputs = known.iter().map(|(v, _)| *v).collect();
         Some(self.push_layer(
             mb,
             full.into(),
