@@ -4,6 +4,7 @@
 //! optimisation levels. Run in release:
 //! `cargo run --release -p cnnc-compiler --example conv_gflops [-- REPS]`.
 
+use cnnc_compiler::codegen::conv::ConvKernel;
 use cnnc_compiler::codegen::{Jit, KernelSpec, OptLevel};
 use cnnc_compiler::ir::ConvAttrs;
 use std::time::Instant;
@@ -23,7 +24,7 @@ fn measure(opt: OptLevel, reps: usize) {
     for w in jit.warnings() {
         eprintln!("warning: {w}");
     }
-    let spec = KernelSpec::Conv2d {
+    let spec = KernelSpec::Conv(ConvKernel::Direct {
         x: vec![64, 16, 14, 14],
         w: vec![32, 16, 3, 3],
         attrs: ConvAttrs {
@@ -32,7 +33,7 @@ fn measure(opt: OptLevel, reps: usize) {
             dilation: [1, 1],
             groups: 1,
         },
-    };
+    });
     let t = Instant::now();
     let id = jit.compile("conv", spec.clone()).expect("compiles");
     let compile = t.elapsed();
@@ -44,7 +45,7 @@ fn measure(opt: OptLevel, reps: usize) {
         .map(|i| ((i * 104_729) % 1000) as f32 / 5000.0 - 0.1)
         .collect();
     let mut y = vec![0.0f32; len(&spec.outputs()[0])];
-    let batch = spec.batch();
+    let batch = spec.work();
     for _ in 0..3 {
         jit.run(id, &[&x, &w], &mut [&mut y], 0..batch).unwrap();
     }

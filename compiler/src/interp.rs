@@ -95,8 +95,10 @@ fn sl<T: Scalar>(t: &Tensor<T>) -> &[T] {
     t.as_slice().expect("standard layout")
 }
 
-/// Evaluates one op.
-fn eval<T: Scalar>(op: &Op, x: &[&Tensor<T>], out: &[Vec<usize>]) -> Vec<Tensor<T>> {
+/// Evaluates one op on its inputs, given its output shapes (`Op::infer`'s). The
+/// JIT executable uses it for ops without a native kernel, and the kernel tests
+/// use it as the oracle.
+pub fn eval<T: Scalar>(op: &Op, x: &[&Tensor<T>], out: &[Vec<usize>]) -> Vec<Tensor<T>> {
     match op {
         Op::Conv2d(a) => vec![conv2d(x[0], x[1], a, &out[0])],
         Op::Conv2dGradInput(a, _) => vec![conv2d_grad_input(x[0], x[1], a, &out[0])],

@@ -3,104 +3,13 @@
 //! for elementwise kernels, 5e-4 for conv2d), also when the batch is split into
 //! work ranges; plus the ISA report, the CLIF dump and freeing on drop.
 
+use cnnc_compiler::codegen::conv::ConvKernel;
+use cnnc_compiler::codegen::elementwise::ElemKernel;
+mod common;
+
 use cnnc_compiler::codegen::{Jit, KernelSpec, OptLevel};
-use cnnc_compiler::interp::{run, Tensor};
 use cnnc_compiler::ir::*;
-use ndarray::{ArrayD, IxDyn};
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (v >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Uniform in `lo..=hi`.
-    fn int(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() * (hi - lo + 1) as f64) as usize
-    }
-    /// Uniform in [-1, 1), with some exact zeros (the ReLU boundary).
-    fn data(&mut self, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                if self.next() < 0.05 {
-                    0.0
-                } else {
-                    (self.next() * 2.0 - 1.0) as f32
-                }
-            })
-            .collect()
-    }
-}
-
-/// The interpreter's outputs for `op` applied to `inputs`.
-fn oracle(op: Op, inputs: &[(Shape, Vec<f32>)]) -> Vec<Vec<f32>> {
-    let mut g = Graph::new("one");
-    let ids: Vec<Vid> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, (s, _))| g.add_value(format!("in{i}"), s.clone(), Role::Input))
-        .collect();
-    let outs = g.push(op, &ids, None);
-    let feeds = ids
-        .iter()
-        .zip(inputs)
-        .map(|(&v, (s, d))| {
-            let t: Tensor<f32> = ArrayD::from_shape_vec(IxDyn(s), d.clone()).unwrap();
-            (v, t)
-        })
-        .collect();
-    let vals = run(&g, feeds).unwrap();
-    outs.iter()
-        .map(|o| vals.get(*o).iter().copied().collect())
-        .collect()
-}
-
-/// Compiles `op` on `inputs` (via `KernelSpec::from_node`), runs it over the whole
-/// batch and again split into two work ranges, and compares with the oracle.
-fn check(jit: &mut Jit, op: Op, inputs: &[(Shape, Vec<f32>)], tol: f32, what: &str) {
-    let want = oracle(op.clone(), inputs);
-    let mut g = Graph::new("one");
-    let ids: Vec<Vid> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, (s, _))| g.add_value(format!("in{i}"), s.clone(), Role::Input))
-        .collect();
-    g.push(op, &ids, None);
-    let spec = KernelSpec::from_node(&g, &g.nodes[0]).expect("a kernel for this op");
-    let id = jit.compile(what, spec.clone()).unwrap();
-    let ins: Vec<&[f32]> = inputs.iter().map(|(_, d)| d.as_slice()).collect();
-    let batch = spec.batch();
-    let splits: Vec<Vec<std::ops::Range<usize>>> = if batch > 1 {
-        vec![vec![0..batch], vec![0..batch / 2, batch / 2..batch]]
-    } else {
-        vec![vec![0..batch]]
-    };
-    for ranges in splits {
-        let mut outs: Vec<Vec<f32>> = spec
-            .outputs()
-            .iter()
-            .map(|s| vec![f32::NAN; s.iter().product()])
-            .collect();
-        for r in &ranges {
-            let mut o: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
-            jit.run(id, &ins, &mut o, r.clone()).unwrap();
-        }
-        for (got, want) in outs.iter().zip(&want) {
-            assert_eq!(got.len(), want.len());
-            for (i, (a, b)) in got.iter().zip(want).enumerate() {
-                assert!(
-                    (a - b).abs() <= tol,
-                    "{what} {ranges:?}: element {i}: jit {a} vs interpreter {b}"
-                );
-            }
-        }
-    }
-}
+use common::{check, Rng};
 
 fn jit() -> Jit {
     let mut j = Jit::new().expect("the host is supported");
@@ -266,9 +175,9 @@ fn common_layers(mut j: Jit) {
 #[test]
 fn clif_dump_lists_every_kernel() {
     let mut j = jit();
-    let spec = KernelSpec::Relu {
+    let spec = KernelSpec::Elem(ElemKernel::Relu {
         shape: vec![2, 3, 5],
-    };
+    });
     j.compile("relu_a", spec.clone()).unwrap();
     j.compile("relu_b", spec).unwrap();
     let dump = j.dump_clif();
@@ -282,7 +191,7 @@ fn clif_dump_lists_every_kernel() {
 fn bad_calls_are_refused() {
     let mut j = jit();
     let id = j
-        .compile("relu", KernelSpec::Relu { shape: vec![2, 4] })
+        .compile("relu", KernelSpec::Elem(ElemKernel::Relu { shape: vec![2, 4] }))
         .unwrap();
     let x = vec![1.0f32; 8];
     let mut y = vec![0.0f32; 7];
@@ -291,7 +200,7 @@ fn bad_calls_are_refused() {
     assert!(j.run(id, &[&x], &mut [&mut y], 0..3).is_err());
     assert!(j.run(id, &[&x], &mut [&mut y], 1..2).is_ok());
     assert_eq!(y, [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
-    let bad = KernelSpec::Conv2d {
+    let bad = KernelSpec::Conv(ConvKernel::Direct {
         x: vec![1, 3, 2, 2],
         w: vec![4, 3, 5, 5],
         attrs: ConvAttrs {
@@ -300,7 +209,7 @@ fn bad_calls_are_refused() {
             dilation: [1, 1],
             groups: 1,
         },
-    };
+    });
     assert!(j.compile("too_small", bad).is_err());
 }
 
@@ -314,7 +223,7 @@ fn rss() -> usize {
 
 #[test]
 fn dropping_the_jit_frees_its_code() {
-    let spec = KernelSpec::Conv2d {
+    let spec = KernelSpec::Conv(ConvKernel::Direct {
         x: vec![1, 4, 9, 9],
         w: vec![8, 4, 3, 3],
         attrs: ConvAttrs {
@@ -323,11 +232,11 @@ fn dropping_the_jit_frees_its_code() {
             dilation: [1, 1],
             groups: 1,
         },
-    };
+    });
     let round = || {
         let mut j = Jit::new().unwrap();
         j.compile("conv", spec.clone()).unwrap();
-        j.compile("relu", KernelSpec::Relu { shape: vec![1, 9] })
+        j.compile("relu", KernelSpec::Elem(ElemKernel::Relu { shape: vec![1, 9] }))
             .unwrap();
     };
     for _ in 0..20 {

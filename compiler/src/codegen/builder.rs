@@ -223,6 +223,20 @@ impl<'a> Kb<'a> {
         self.b.block_params(exit).to_vec()
     }
 
+    /// Calls the native `extern "C"` function at `addr` (a Rust function such as
+    /// the GEMM microkernel driver) with `args`; it returns nothing. Argument
+    /// types are the values' types (`I64` for pointers and sizes).
+    pub fn call_native(&mut self, addr: usize, args: &[Value]) {
+        let mut sig = Signature::new(self.b.func.signature.call_conv);
+        for &a in args {
+            let ty = self.b.func.dfg.value_type(a);
+            sig.params.push(AbiParam::new(ty));
+        }
+        let sigref = self.b.import_signature(sig);
+        let callee = self.iconst(addr as i64);
+        self.b.ins().call_indirect(sigref, callee, args);
+    }
+
     fn bound(&mut self, b: Bound) -> Value {
         match b {
             Bound::Const(k) => self.iconst(k),

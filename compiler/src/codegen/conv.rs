@@ -23,8 +23,92 @@
 //! (top, interior, bottom) and three column runs.
 
 use super::builder::{Bound, Kb, F32, F32X4};
-use crate::ir::ConvAttrs;
+use super::Emit;
+use crate::ir::{ConvAttrs, Graph, Node, Op, Shape};
 use cranelift_codegen::ir::{Type, Value};
+
+/// The convolution kernels.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ConvKernel {
+    /// Direct conv2d forward: `(x[N,C,H,W], w[O,C/g,KH,KW]) → y[N,O,OH,OW]`.
+    /// Buffers: `x`, `w`, `y`.
+    Direct {
+        x: Shape,
+        w: Shape,
+        attrs: ConvAttrs,
+    },
+}
+
+impl ConvKernel {
+    pub(crate) fn from_node(g: &Graph, node: &Node) -> Option<ConvKernel> {
+        let shape = |i: usize| g.shape(node.inputs[i]).clone();
+        Some(match &node.op {
+            Op::Conv2d(a) => ConvKernel::Direct {
+                x: shape(0),
+                w: shape(1),
+                attrs: *a,
+            },
+            _ => return None,
+        })
+    }
+}
+
+impl Emit for ConvKernel {
+    fn inputs(&self) -> Vec<Shape> {
+        match self {
+            ConvKernel::Direct { x, w, .. } => vec![x.clone(), w.clone()],
+        }
+    }
+
+    fn outputs(&self) -> Vec<Shape> {
+        match self {
+            ConvKernel::Direct { x, w, attrs } => Op::Conv2d(*attrs)
+                .infer(&[x, w])
+                .expect("validated when compiled"),
+        }
+    }
+
+    fn flops_per_item(&self) -> u64 {
+        match self {
+            ConvKernel::Direct { w, .. } => {
+                let y = &self.outputs()[0];
+                2 * (y[1] * y[2] * y[3] * w[1] * w[2] * w[3]) as u64
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            ConvKernel::Direct { x, w, attrs } => {
+                if x.len() != 4 || w.len() != 4 {
+                    return Err(format!("conv2d needs rank-4 x and w, got {x:?}, {w:?}"));
+                }
+                Op::Conv2d(*attrs).infer(&[x, w])?;
+                Ok(())
+            }
+        }
+    }
+
+    fn emit(&self, kb: &mut Kb) {
+        match self {
+            ConvKernel::Direct { x, w, attrs } => {
+                let y = &self.outputs()[0];
+                let geo = ConvGeom {
+                    c: x[1],
+                    h: x[2],
+                    w: x[3],
+                    o: w[0],
+                    kh: w[2],
+                    kw: w[3],
+                    oh: y[2],
+                    ow: y[3],
+                    a: *attrs,
+                };
+                conv2d(kb, &geo)
+            }
+        }
+    }
+}
 
 /// Output channels per register block.
 const OB: usize = 4;
@@ -34,7 +118,7 @@ const NV: usize = 2;
 
 /// The shapes of one convolution.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct ConvGeom {
+struct ConvGeom {
     pub c: usize,
     pub h: usize,
     pub w: usize,
@@ -100,7 +184,7 @@ struct Bases {
 }
 
 /// conv2d forward. Buffers: `x[N,C,H,W]`, `w[O,C/g,KH,KW]`, `y[N,O,OH,OW]`.
-pub(crate) fn conv2d(kb: &mut Kb, geo: &ConvGeom) {
+fn conv2d(kb: &mut Kb, geo: &ConvGeom) {
     let (x, w, y) = (kb.buffer(0), kb.buffer(1), kb.buffer(2));
     let g = *geo;
     let (cg, og) = (g.cg(), g.og());

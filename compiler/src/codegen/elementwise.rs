@@ -4,7 +4,78 @@
 //! the remaining vectors and a scalar tail, all emitted straight-line.
 
 use super::builder::{Bound, Kb, F32, F32X4};
+use super::Emit;
+use crate::ir::{Act, Graph, Node, Op, Shape};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
+
+/// The elementwise kernels; every shape includes the batch (axis 0).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ElemKernel {
+    /// `x → max(x, 0)`. Buffers: `x`, `y`.
+    Relu { shape: Shape },
+    /// `(dy, x) → dy where x > 0, else 0`. Buffers: `dy`, `x`, `dx`.
+    ReluGrad { shape: Shape },
+    /// `(x[N,C,…], b[C]) → x + b`. Buffers: `x`, `b`, `y`.
+    BiasAdd { shape: Shape },
+}
+
+impl ElemKernel {
+    pub(crate) fn from_node(g: &Graph, node: &Node) -> Option<ElemKernel> {
+        let shape = g.shape(node.inputs[0]).clone();
+        Some(match &node.op {
+            Op::Act(Act::Relu) => ElemKernel::Relu { shape },
+            Op::ActGrad(Act::Relu) => ElemKernel::ReluGrad { shape },
+            Op::BiasAdd if shape.len() >= 2 => ElemKernel::BiasAdd { shape },
+            _ => return None,
+        })
+    }
+}
+
+impl Emit for ElemKernel {
+    fn inputs(&self) -> Vec<Shape> {
+        match self {
+            ElemKernel::Relu { shape } => vec![shape.clone()],
+            ElemKernel::ReluGrad { shape } => vec![shape.clone(), shape.clone()],
+            ElemKernel::BiasAdd { shape } => vec![shape.clone(), vec![shape[1]]],
+        }
+    }
+
+    fn outputs(&self) -> Vec<Shape> {
+        match self {
+            ElemKernel::Relu { shape }
+            | ElemKernel::ReluGrad { shape }
+            | ElemKernel::BiasAdd { shape } => vec![shape.clone()],
+        }
+    }
+
+    fn flops_per_item(&self) -> u64 {
+        self.inputs()[0][1..].iter().product::<usize>() as u64
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let min_rank = match self {
+            ElemKernel::Relu { .. } | ElemKernel::ReluGrad { .. } => 1,
+            ElemKernel::BiasAdd { .. } => 2,
+        };
+        if self.inputs()[0].len() < min_rank {
+            return Err(format!("{self:?} needs a tensor of rank >= {min_rank}"));
+        }
+        Ok(())
+    }
+
+    fn emit(&self, kb: &mut Kb) {
+        match self {
+            ElemKernel::Relu { shape } => relu(kb, item(shape)),
+            ElemKernel::ReluGrad { shape } => relu_grad(kb, item(shape)),
+            ElemKernel::BiasAdd { shape } => bias_add(kb, shape[1], shape[2..].iter().product()),
+        }
+    }
+}
+
+/// Elements per batch item.
+fn item(shape: &Shape) -> usize {
+    shape[1..].iter().product()
+}
 
 /// The body of an elementwise loop: one f32x4 or f32 (the `Type`) at a byte
 /// offset from each buffer pointer.
@@ -49,7 +120,7 @@ fn over_elements(kb: &mut Kb, ptrs: &[Value], len: usize, f: &mut PerVector) {
 
 /// `y = max(x, 0)` (NaN → 0, as the interpreter) over `[batch, item]` tensors.
 /// Buffers: `x`, `y`.
-pub(crate) fn relu(kb: &mut Kb, item: usize) {
+fn relu(kb: &mut Kb, item: usize) {
     let (x, y) = (kb.buffer(0), kb.buffer(1));
     per_item(kb, item, &[x, y], &mut |kb, ty, p, off| {
         let v = kb.load_in(ty, p[0], off);
@@ -59,7 +130,7 @@ pub(crate) fn relu(kb: &mut Kb, item: usize) {
 }
 
 /// `dx = dy where x > 0, else 0`. Buffers: `dy`, `x`, `dx`.
-pub(crate) fn relu_grad(kb: &mut Kb, item: usize) {
+fn relu_grad(kb: &mut Kb, item: usize) {
     let ptrs = [kb.buffer(0), kb.buffer(1), kb.buffer(2)];
     per_item(kb, item, &ptrs, &mut |kb, ty, p, off| {
         let dy = kb.load_in(ty, p[0], off);
@@ -71,7 +142,7 @@ pub(crate) fn relu_grad(kb: &mut Kb, item: usize) {
 
 /// `y[n, c, …] = x[n, c, …] + b[c]` over `[batch, channels, inner]`.
 /// Buffers: `x`, `b`, `y`.
-pub(crate) fn bias_add(kb: &mut Kb, channels: usize, inner: usize) {
+fn bias_add(kb: &mut Kb, channels: usize, inner: usize) {
     let (x, b, y) = (kb.buffer(0), kb.buffer(1), kb.buffer(2));
     let (start, end) = (kb.start, kb.end);
     let item = (channels * inner) as i64;

@@ -15,10 +15,12 @@
 //! batch items `start..end`, so the runtime can split a batch across threads.
 
 mod builder;
-mod conv;
-mod elementwise;
+pub mod conv;
+pub mod elementwise;
+pub mod norm;
+pub mod pool;
 
-use crate::ir::{Act, ConvAttrs, Graph, Node, Op, Shape};
+use crate::ir::{Graph, Node, Shape};
 use builder::Kb;
 use cranelift_codegen::ir::UserFuncName;
 use cranelift_codegen::settings::{self, Configurable};
@@ -81,94 +83,110 @@ pub enum OptLevel {
     Speed,
 }
 
-/// What a kernel computes; every shape includes the batch (axis 0).
+/// How a kernel's work splits across threads. The work range `start..end` passed
+/// to a kernel is a sub-range of `0..KernelSpec::work()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Par {
+    /// Each batch item's outputs depend only on that item: any split of the batch
+    /// computes the same result.
+    Items,
+    /// The outputs are sums over batch items: a call overwrites its outputs with
+    /// the partial sums over its range, and the caller adds the partials of a
+    /// split (each thread writes private copies).
+    Reduce,
+    /// One call over the whole tensor (`work() == 1`).
+    Whole,
+}
+
+/// What every kernel family (one module each) tells the JIT about its kernels.
+pub(crate) trait Emit {
+    /// The input buffers' shapes, in buffer order.
+    fn inputs(&self) -> Vec<Shape>;
+    /// The output buffers' shapes, in buffer order (after the inputs).
+    fn outputs(&self) -> Vec<Shape>;
+    /// f32 elements of scratch one call needs (the last buffer, after the
+    /// outputs; one per thread). Its contents are undefined on entry.
+    fn scratch(&self) -> usize {
+        0
+    }
+    fn par(&self) -> Par {
+        Par::Items
+    }
+    /// Floating-point operations per unit of work (a multiply-add counts 2).
+    fn flops_per_item(&self) -> u64;
+    /// Refuses shapes the emitter cannot handle (checked before emitting).
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Emits the kernel's body into `kb` (the entry block is current).
+    fn emit(&self, kb: &mut Kb);
+}
+
+/// What a kernel computes; every shape includes the batch (axis 0). One variant
+/// per kernel family (module).
 #[derive(Clone, Debug, PartialEq)]
 pub enum KernelSpec {
-    /// `x → max(x, 0)`. Buffers: `x`, `y`.
-    Relu { shape: Shape },
-    /// `(dy, x) → dy where x > 0, else 0`. Buffers: `dy`, `x`, `dx`.
-    ReluGrad { shape: Shape },
-    /// `(x[N,C,…], b[C]) → x + b`. Buffers: `x`, `b`, `y`.
-    BiasAdd { shape: Shape },
-    /// `(x[N,C,H,W], w[O,C/g,KH,KW]) → y[N,O,OH,OW]`. Buffers: `x`, `w`, `y`.
-    Conv2d {
-        x: Shape,
-        w: Shape,
-        attrs: ConvAttrs,
-    },
+    Elem(elementwise::ElemKernel),
+    Conv(conv::ConvKernel),
+    Norm(norm::NormKernel),
+    Pool(pool::PoolKernel),
 }
 
 impl KernelSpec {
-    /// The kernel for a graph node, when one exists yet.
+    /// The kernel computing one graph node on its own, when there is one.
     pub fn from_node(g: &Graph, node: &Node) -> Option<KernelSpec> {
-        let shape = |i: usize| g.shape(node.inputs[i]).clone();
-        Some(match &node.op {
-            Op::Act(Act::Relu) => KernelSpec::Relu { shape: shape(0) },
-            Op::ActGrad(Act::Relu) => KernelSpec::ReluGrad { shape: shape(0) },
-            Op::BiasAdd => KernelSpec::BiasAdd { shape: shape(0) },
-            Op::Conv2d(a) => KernelSpec::Conv2d {
-                x: shape(0),
-                w: shape(1),
-                attrs: *a,
-            },
-            _ => return None,
-        })
+        elementwise::ElemKernel::from_node(g, node)
+            .map(KernelSpec::Elem)
+            .or_else(|| conv::ConvKernel::from_node(g, node).map(KernelSpec::Conv))
+            .or_else(|| norm::NormKernel::from_node(g, node).map(KernelSpec::Norm))
+            .or_else(|| pool::PoolKernel::from_node(g, node).map(KernelSpec::Pool))
+    }
+
+    fn emitter(&self) -> &dyn Emit {
+        match self {
+            KernelSpec::Elem(k) => k,
+            KernelSpec::Conv(k) => k,
+            KernelSpec::Norm(k) => k,
+            KernelSpec::Pool(k) => k,
+        }
     }
 
     /// The input buffers' shapes, in buffer order.
     pub fn inputs(&self) -> Vec<Shape> {
-        match self {
-            KernelSpec::Relu { shape } => vec![shape.clone()],
-            KernelSpec::ReluGrad { shape } => vec![shape.clone(), shape.clone()],
-            KernelSpec::BiasAdd { shape } => vec![shape.clone(), vec![shape[1]]],
-            KernelSpec::Conv2d { x, w, .. } => vec![x.clone(), w.clone()],
-        }
+        self.emitter().inputs()
     }
 
     /// The output buffers' shapes, in buffer order (after the inputs).
     pub fn outputs(&self) -> Vec<Shape> {
-        match self {
-            KernelSpec::Relu { shape }
-            | KernelSpec::ReluGrad { shape }
-            | KernelSpec::BiasAdd { shape } => vec![shape.clone()],
-            KernelSpec::Conv2d { x, w, attrs } => Op::Conv2d(*attrs)
-                .infer(&[x, w])
-                .expect("validated when compiled"),
+        self.emitter().outputs()
+    }
+
+    /// f32 elements of per-call scratch (the buffer after the outputs).
+    pub fn scratch(&self) -> usize {
+        self.emitter().scratch()
+    }
+
+    pub fn par(&self) -> Par {
+        self.emitter().par()
+    }
+
+    /// The size of the work range: the batch, or 1 for [`Par::Whole`] kernels.
+    pub fn work(&self) -> usize {
+        match self.par() {
+            Par::Whole => 1,
+            Par::Items | Par::Reduce => self.inputs()[0][0],
         }
     }
 
-    /// The batch size: the work range is a sub-range of `0..batch()`.
-    pub fn batch(&self) -> usize {
-        self.inputs()[0][0]
-    }
-
-    /// Floating-point operations of one batch item (a multiply-add counts 2).
+    /// Floating-point operations per unit of work (a multiply-add counts 2).
     pub fn flops_per_item(&self) -> u64 {
-        match self {
-            KernelSpec::Conv2d { w, .. } => {
-                let y = &self.outputs()[0];
-                2 * (y[1] * y[2] * y[3] * w[1] * w[2] * w[3]) as u64
-            }
-            _ => self.inputs()[0][1..].iter().product::<usize>() as u64,
-        }
+        self.emitter().flops_per_item()
     }
 
     fn validate(&self) -> Result<(), String> {
-        let min_rank = match self {
-            KernelSpec::Relu { .. } | KernelSpec::ReluGrad { .. } => 1,
-            KernelSpec::BiasAdd { .. } => 2,
-            KernelSpec::Conv2d { x, w, attrs } => {
-                if x.len() != 4 || w.len() != 4 {
-                    return Err(format!("conv2d needs rank-4 x and w, got {x:?}, {w:?}"));
-                }
-                Op::Conv2d(*attrs).infer(&[x, w])?;
-                4
-            }
-        };
-        if self.inputs()[0].len() < min_rank {
-            return Err(format!("{self:?} needs a tensor of rank >= {min_rank}"));
-        }
-        for s in self.inputs().iter().chain(&self.outputs()) {
+        let e = self.emitter();
+        e.validate()?;
+        for s in e.inputs().iter().chain(&e.outputs()) {
             if s.contains(&0) {
                 return Err(format!("unsupported shape {s:?} for {self:?}"));
             }
@@ -176,6 +194,9 @@ impl KernelSpec {
             if s.iter().product::<usize>() >= (1 << 29) {
                 return Err(format!("tensor {s:?} is too large for the JIT (2 GiB)"));
             }
+        }
+        if e.scratch() >= 1 << 29 {
+            return Err(format!("scratch of {self:?} is too large for the JIT"));
         }
         Ok(())
     }
@@ -312,28 +333,7 @@ impl Jit {
         self.ctx.set_disasm(self.disasm);
         {
             let mut kb = Kb::new(&mut self.ctx.func, &mut self.fctx, fma);
-            match &spec {
-                KernelSpec::Relu { shape } => elementwise::relu(&mut kb, item(shape)),
-                KernelSpec::ReluGrad { shape } => elementwise::relu_grad(&mut kb, item(shape)),
-                KernelSpec::BiasAdd { shape } => {
-                    elementwise::bias_add(&mut kb, shape[1], shape[2..].iter().product())
-                }
-                KernelSpec::Conv2d { x, w, attrs } => {
-                    let y = &spec.outputs()[0];
-                    let geo = conv::ConvGeom {
-                        c: x[1],
-                        h: x[2],
-                        w: x[3],
-                        o: w[0],
-                        kh: w[2],
-                        kw: w[3],
-                        oh: y[2],
-                        ow: y[3],
-                        a: *attrs,
-                    };
-                    conv::conv2d(&mut kb, &geo)
-                }
-            }
+            spec.emitter().emit(&mut kb);
             kb.finish(config);
         }
         let clif = format!("; kernel {name}\n{}", self.ctx.func.display());
@@ -381,8 +381,9 @@ impl Jit {
         out
     }
 
-    /// Runs kernel `id` on batch items `range`, after checking every buffer's
-    /// length against the kernel's shapes.
+    /// Runs kernel `id` on work items `range` (batch items, or `0..1` for a
+    /// [`Par::Whole`] kernel), after checking every buffer's length against the
+    /// kernel's shapes. Scratch, when the kernel needs any, is allocated here.
     pub fn run(
         &self,
         id: KernelId,
@@ -415,18 +416,22 @@ impl Jit {
                 ));
             }
         }
-        if range.start > range.end || range.end > k.spec.batch() {
+        if range.start > range.end || range.end > k.spec.work() {
             return Err(format!(
-                "{}: work range {range:?} outside the batch of {}",
+                "{}: work range {range:?} outside 0..{}",
                 k.name,
-                k.spec.batch()
+                k.spec.work()
             ));
         }
-        let ptrs: Vec<*mut f32> = inputs
+        let mut scratch = vec![0f32; k.spec.scratch()];
+        let mut ptrs: Vec<*mut f32> = inputs
             .iter()
             .map(|b| b.as_ptr() as *mut f32)
             .chain(outputs.iter_mut().map(|b| b.as_mut_ptr()))
             .collect();
+        if !scratch.is_empty() {
+            ptrs.push(scratch.as_mut_ptr());
+        }
         // SAFETY: every buffer has the length the kernel was specialised for, the
         // range is inside the batch, inputs are only read, and the module is alive.
         unsafe { (k.func)(ptrs.as_ptr(), range.start as i64, range.end as i64) };
@@ -454,7 +459,3 @@ impl Drop for Jit {
     }
 }
 
-/// Elements per batch item.
-fn item(shape: &Shape) -> usize {
-    shape[1..].iter().product()
-}

@@ -1,0 +1,116 @@
+//! Shared by the JIT kernel tests: a deterministic generator, the interpreter as
+//! the oracle for one op, and `check`, which runs a node's kernel over the whole
+//! work range and split in two (adding partial sums for `Par::Reduce` kernels)
+//! and compares with the oracle.
+
+#![allow(dead_code)]
+
+use cnnc_compiler::codegen::{Jit, KernelSpec, Par};
+use cnnc_compiler::interp::{run, Tensor};
+use cnnc_compiler::ir::*;
+use ndarray::{ArrayD, IxDyn};
+
+/// A small deterministic generator (xorshift64*).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        (v >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in `lo..=hi`.
+    pub fn int(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() * (hi - lo + 1) as f64) as usize
+    }
+    /// Uniform in [-1, 1), with some exact zeros (the ReLU boundary).
+    pub fn data(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                if self.next() < 0.05 {
+                    0.0
+                } else {
+                    (self.next() * 2.0 - 1.0) as f32
+                }
+            })
+            .collect()
+    }
+}
+
+/// The interpreter's outputs for `op` applied to `inputs`.
+pub fn oracle(op: Op, inputs: &[(Shape, Vec<f32>)]) -> Vec<Vec<f32>> {
+    let mut g = Graph::new("one");
+    let ids: Vec<Vid> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (s, _))| g.add_value(format!("in{i}"), s.clone(), Role::Input))
+        .collect();
+    let outs = g.push(op, &ids, None);
+    let feeds = ids
+        .iter()
+        .zip(inputs)
+        .map(|(&v, (s, d))| {
+            let t: Tensor<f32> = ArrayD::from_shape_vec(IxDyn(s), d.clone()).unwrap();
+            (v, t)
+        })
+        .collect();
+    let vals = run(&g, feeds).unwrap();
+    outs.iter()
+        .map(|o| vals.get(*o).iter().copied().collect())
+        .collect()
+}
+
+/// Compiles `op` on `inputs` (via `KernelSpec::from_node`), runs it over the whole
+/// batch and again split into two work ranges, and compares with the oracle.
+pub fn check(jit: &mut Jit, op: Op, inputs: &[(Shape, Vec<f32>)], tol: f32, what: &str) {
+    let want = oracle(op.clone(), inputs);
+    let mut g = Graph::new("one");
+    let ids: Vec<Vid> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (s, _))| g.add_value(format!("in{i}"), s.clone(), Role::Input))
+        .collect();
+    g.push(op, &ids, None);
+    let spec = KernelSpec::from_node(&g, &g.nodes[0]).expect("a kernel for this op");
+    let id = jit.compile(what, spec.clone()).unwrap();
+    let ins: Vec<&[f32]> = inputs.iter().map(|(_, d)| d.as_slice()).collect();
+    let batch = spec.work();
+    let splits: Vec<Vec<std::ops::Range<usize>>> = if batch > 1 {
+        vec![vec![0..batch], vec![0..batch / 2, batch / 2..batch]]
+    } else {
+        vec![vec![0..batch]]
+    };
+    for ranges in splits {
+        let mut outs: Vec<Vec<f32>> = spec
+            .outputs()
+            .iter()
+            .map(|s| vec![f32::NAN; s.iter().product()])
+            .collect();
+        for (i, r) in ranges.iter().enumerate() {
+            if spec.par() == Par::Reduce && i > 0 {
+                // Partial sums: run the range into fresh outputs and add them.
+                let mut part: Vec<Vec<f32>> = outs.iter().map(|v| vec![f32::NAN; v.len()]).collect();
+                let mut o: Vec<&mut [f32]> = part.iter_mut().map(|v| v.as_mut_slice()).collect();
+                jit.run(id, &ins, &mut o, r.clone()).unwrap();
+                for (acc, p) in outs.iter_mut().zip(&part) {
+                    acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                }
+            } else {
+                let mut o: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+                jit.run(id, &ins, &mut o, r.clone()).unwrap();
+            }
+        }
+        for (got, want) in outs.iter().zip(&want) {
+            assert_eq!(got.len(), want.len());
+            for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (a - b).abs() <= tol,
+                    "{what} {ranges:?}: element {i}: jit {a} vs interpreter {b}"
+                );
+            }
+        }
+    }
+}
+
