@@ -1,33 +1,871 @@
-//! Normalisation kernels (batchnorm, groupnorm): statistics, apply, gradients.
+//! Batch-normalisation kernels: the batch statistics, the normalisation
+//! (training and inference, optionally fused with the ReLU after it), its
+//! gradients, and the running-statistics update.
+//!
+//! Every `shape` is the normalised tensor's, `[N, C]` or `[N, C, H, W]`; per-channel
+//! buffers are `[C]`; `cnt = N·H·W` is the number of elements per channel over the
+//! *whole* batch (also in a kernel that computes only a part of it).
+//!
+//! # Composing the IR ops (for the planner)
+//!
+//! `BatchNorm{eps}` `(x, gamma, beta) → (y, mean, var)`, with `s`, `q` two `[C]`
+//! temporaries, is four kernels run in order:
+//!
+//! 1. [`NormKernel::BnSum`] `x → s` (reduce);
+//! 2. [`NormKernel::BnSqDev`] `(x, s) → q` (reduce; `s` must be the sum over the
+//!    whole batch, so the partials of step 1 are added before it runs);
+//! 3. [`NormKernel::BnStats`] `(s, q) → (mean, var)` (once);
+//! 4. [`NormKernel::BnApply`] `(x, gamma, beta, mean, var) → y` (items), with
+//!    `relu: true` when a sole `Act(Relu)` user is fused (then `y` is its output).
+//!
+//! `BatchNormGrad{eps}` `(dy, x, gamma, mean, var) → (dx, dgamma, dbeta)` is two:
+//!
+//! 1. [`NormKernel::BnGradSums`] `(dy, x, mean, var) → (dgamma, dbeta)` (reduce);
+//! 2. [`NormKernel::BnGradApply`] `(dy, x, gamma, mean, var, dgamma, dbeta) → dx`
+//!    (items; `dgamma`, `dbeta` are the sums over the whole batch).
+//!
+//! With an `ActGrad(Relu)` producing the `dy` fused (`relu: true`), both take
+//! that op's incoming gradient as `dy` and the ReLU's *output* as an extra last
+//! input; `dy` counts where that output is `> 0`. Both kernels read the same
+//! `eps` and `relu`, and `mean`, `var` are the forward's batch statistics.
+//!
+//! `BatchNormInfer` is `BnApply` over the running statistics,
+//! `BatchNormInferGrad` is [`NormKernel::BnInferGrad`], `RunningStats` is
+//! [`NormKernel::RunningStats`] (all three from [`NormKernel::from_node`]).
+//!
+//! # Loops
+//!
+//! Channels outermost (constant bounds), so each channel's constants (mean,
+//! `gamma/sqrt(var+eps)`, …) are computed once per call and channel (see
+//! [`pin`] for what that takes with Cranelift's egraph); inside, the batch items
+//! of the work range, and then the channel's `H·W` contiguous elements as an f32x4
+//! loop unrolled ×4 (one accumulator per unrolled vector in reductions), the
+//! leftover vectors and a scalar tail, straight-line. A reduction's f32x4
+//! accumulators are added and summed horizontally once per channel.
+//!
+//! When `H·W = 1` (`[N, C]` after a linear layer) the vectors run across
+//! channels instead: blocks of 16 channels (one cache line of every buffer per
+//! item; measured 3-5× faster than blocks of 4 at `[256, 512]`, whose 2 KiB
+//! stride made each block fetch every line again), then one block of the
+//! remaining whole vectors and one of the last `C mod 4` channels in f32, with
+//! the per-channel constants loaded as vectors.
+//!
+//! Accuracy: the variance is two-pass (squared deviations from the mean), never
+//! `E[x²] − E[x]²`; sums accumulate in f32 over 16 lanes (each summing about
+//! `cnt/16` terms; `N` terms when `H·W = 1`), which is closer to the exact sums
+//! than the interpreter's one sequential f32 sum: at `cnt` = 50 176 and data
+//! `2 ± 1`, the mean is off by 1.7e-7 (interpreter: 8.7e-6) from the f64
+//! interpreter, so f64 accumulation is not needed (`tests/jit_norm.rs`,
+//! `large_batches_are_accurate`).
 
-use super::builder::Kb;
-use super::Emit;
-use crate::ir::{Graph, Node, Shape};
+use super::builder::{Bound, Kb, F32, F32X4, I64};
+use super::{Emit, Par};
+use crate::ir::{Graph, Node, Op, Shape};
+use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Type, Value};
 
-/// The norm kernels (none yet).
+/// The batch-norm kernels (see the module doc for how they compose).
 #[derive(Clone, Debug, PartialEq)]
-pub enum NormKernel {}
+pub enum NormKernel {
+    /// [`Par::Reduce`]: `x → s[c] = Σ_{n,h,w} x[n,c,h,w]`. Buffers: `x`, `s`.
+    BnSum { shape: Shape },
+    /// [`Par::Reduce`]: `(x, s) → q[c] = Σ_{n,h,w} (x[n,c,h,w] − s[c]/cnt)²`,
+    /// where `s` is [`NormKernel::BnSum`] over the whole batch.
+    /// Buffers: `x`, `s`, `q`.
+    BnSqDev { shape: Shape },
+    /// [`Par::Whole`]: `(s, q) → (mean = s/cnt, var = q/cnt)` (biased variance).
+    /// Buffers: `s`, `q`, `mean`, `var` (all `[C]`; `shape` is `x`'s).
+    BnStats { shape: Shape },
+    /// [`Par::Items`]: `y = (x − mean)·gamma/sqrt(var + eps) + beta`, then
+    /// `max(y, 0)` (NaN → 0) when `relu`. Training (batch statistics) and
+    /// inference (`BatchNormInfer`: running statistics) alike.
+    /// Buffers: `x`, `gamma`, `beta`, `mean`, `var`, `y`.
+    BnApply { shape: Shape, eps: f64, relu: bool },
+    /// [`Par::Reduce`]: `dgamma[c] = Σ dy'·x̂`, `dbeta[c] = Σ dy'`, with
+    /// `x̂ = (x − mean)/sqrt(var + eps)` and `dy' = dy`, or with `relu`,
+    /// `dy' = dy where y > 0, else 0` (`y` the ReLU's output).
+    /// Buffers: `dy`, `x`, `mean`, `var`, [`y`,] `dgamma`, `dbeta`.
+    BnGradSums { shape: Shape, eps: f64, relu: bool },
+    /// [`Par::Items`]: `dx = gamma/sqrt(var + eps)·(dy' − dbeta/cnt − x̂·dgamma/cnt)`
+    /// (`dy'`, `x̂` as in [`NormKernel::BnGradSums`]; `dgamma`, `dbeta` its sums over
+    /// the whole batch). Buffers: `dy`, `x`, `gamma`, `mean`, `var`, `dgamma`,
+    /// `dbeta`, [`y`,] `dx`.
+    BnGradApply { shape: Shape, eps: f64, relu: bool },
+    /// [`Par::Items`]: `dx = dy·gamma/sqrt(running_var + eps)` (`BatchNormInferGrad`).
+    /// Buffers: `dy`, `gamma`, `running_var`, `dx`.
+    BnInferGrad { shape: Shape, eps: f64 },
+    /// [`Par::Whole`]: `rm' = (1 − m)·rm + m·mean`,
+    /// `rv' = (1 − m)·rv + m·var·n/(n − 1)` (`n/(n − 1)` is 1 when `n ≤ 1`), with
+    /// `m = momentum` and `n = cnt` (`RunningStats`). Buffers: `rm`, `rv`, `mean`,
+    /// `var`, `rm'`, `rv'` (all `[c]`).
+    RunningStats { c: usize, momentum: f64, n: usize },
+}
 
 impl NormKernel {
-    pub(crate) fn from_node(_g: &Graph, _node: &Node) -> Option<NormKernel> {
-        None
+    /// The kernel computing a node alone: `BatchNormInfer`, `BatchNormInferGrad`,
+    /// `RunningStats`. `BatchNorm` and `BatchNormGrad` take several kernels (see
+    /// the module doc) and give `None`.
+    pub(crate) fn from_node(g: &Graph, node: &Node) -> Option<NormKernel> {
+        let shape = g.shape(node.inputs[0]).clone();
+        Some(match node.op {
+            Op::BatchNormInfer { eps } => NormKernel::BnApply {
+                shape,
+                eps,
+                relu: false,
+            },
+            Op::BatchNormInferGrad { eps } => NormKernel::BnInferGrad { shape, eps },
+            Op::RunningStats { momentum, n } => NormKernel::RunningStats {
+                c: shape[0],
+                momentum,
+                n,
+            },
+            _ => return None,
+        })
     }
+
+    /// The normalised tensor's shape (`None` for `RunningStats`).
+    fn shape(&self) -> Option<&Shape> {
+        match self {
+            NormKernel::BnSum { shape }
+            | NormKernel::BnSqDev { shape }
+            | NormKernel::BnStats { shape }
+            | NormKernel::BnApply { shape, .. }
+            | NormKernel::BnGradSums { shape, .. }
+            | NormKernel::BnGradApply { shape, .. }
+            | NormKernel::BnInferGrad { shape, .. } => Some(shape),
+            NormKernel::RunningStats { .. } => None,
+        }
+    }
+
+    /// Channels.
+    fn channels(&self) -> usize {
+        match self {
+            NormKernel::RunningStats { c, .. } => *c,
+            _ => self.shape().expect("a shaped kernel")[1],
+        }
+    }
+}
+
+/// `(channels, elements per channel and item, elements per channel over the
+/// batch)` of `[N, C, …]`.
+fn layout(shape: &Shape) -> (usize, usize, usize) {
+    let inner: usize = shape[2..].iter().product();
+    (shape[1], inner, shape[0] * inner)
 }
 
 impl Emit for NormKernel {
     fn inputs(&self) -> Vec<Shape> {
-        match *self {}
+        let c = vec![self.channels()];
+        match self {
+            NormKernel::BnSum { shape } => vec![shape.clone()],
+            NormKernel::BnSqDev { shape } => vec![shape.clone(), c],
+            NormKernel::BnStats { .. } => vec![c.clone(), c],
+            NormKernel::BnApply { shape, .. } => {
+                vec![shape.clone(), c.clone(), c.clone(), c.clone(), c]
+            }
+            NormKernel::BnGradSums { shape, relu, .. } => {
+                let mut v = vec![shape.clone(), shape.clone(), c.clone(), c];
+                if *relu {
+                    v.push(shape.clone());
+                }
+                v
+            }
+            NormKernel::BnGradApply { shape, relu, .. } => {
+                let mut v = vec![shape.clone(), shape.clone()];
+                v.extend(std::iter::repeat_n(c, 5));
+                if *relu {
+                    v.push(shape.clone());
+                }
+                v
+            }
+            NormKernel::BnInferGrad { shape, .. } => vec![shape.clone(), c.clone(), c],
+            NormKernel::RunningStats { .. } => vec![c; 4],
+        }
     }
 
     fn outputs(&self) -> Vec<Shape> {
-        match *self {}
+        let c = vec![self.channels()];
+        match self {
+            NormKernel::BnSum { .. } | NormKernel::BnSqDev { .. } => vec![c],
+            NormKernel::BnStats { .. }
+            | NormKernel::BnGradSums { .. }
+            | NormKernel::RunningStats { .. } => vec![c.clone(), c],
+            NormKernel::BnApply { shape, .. }
+            | NormKernel::BnGradApply { shape, .. }
+            | NormKernel::BnInferGrad { shape, .. } => vec![shape.clone()],
+        }
     }
 
+    fn par(&self) -> Par {
+        match self {
+            NormKernel::BnSum { .. }
+            | NormKernel::BnSqDev { .. }
+            | NormKernel::BnGradSums { .. } => Par::Reduce,
+            NormKernel::BnStats { .. } | NormKernel::RunningStats { .. } => Par::Whole,
+            NormKernel::BnApply { .. }
+            | NormKernel::BnGradApply { .. }
+            | NormKernel::BnInferGrad { .. } => Par::Items,
+        }
+    }
+
+    /// Per batch item (per call for the `Whole` kernels), not counting the
+    /// per-channel constants (a few operations per channel and call).
     fn flops_per_item(&self) -> u64 {
-        match *self {}
+        let c = self.channels() as u64;
+        let per_elem = |shape: &Shape, f: u64| f * shape[1..].iter().product::<usize>() as u64;
+        let relu = |r: &bool| u64::from(*r);
+        match self {
+            NormKernel::BnSum { shape } => per_elem(shape, 1),
+            // x − mean, then an fma.
+            NormKernel::BnSqDev { shape } => per_elem(shape, 3),
+            NormKernel::BnStats { .. } => 2 * c,
+            // x − mean, fma(·, scale, beta), [the max].
+            NormKernel::BnApply { shape, relu: r, .. } => per_elem(shape, 3 + relu(r)),
+            // [the mask], x − mean, an fma, an add.
+            NormKernel::BnGradSums { shape, relu: r, .. } => per_elem(shape, 4 + relu(r)),
+            // [the mask], x − mean, two fmas.
+            NormKernel::BnGradApply { shape, relu: r, .. } => per_elem(shape, 5 + relu(r)),
+            NormKernel::BnInferGrad { shape, .. } => per_elem(shape, 1),
+            NormKernel::RunningStats { .. } => 7 * c,
+        }
     }
 
-    fn emit(&self, _kb: &mut Kb) {
-        match *self {}
+    fn validate(&self) -> Result<(), String> {
+        if let Some(shape) = self.shape() {
+            if shape.len() < 2 {
+                return Err(format!("{self:?} needs a tensor [N, C, …] of rank >= 2"));
+            }
+        }
+        if self.channels() == 0 {
+            return Err(format!("{self:?} has no channels"));
+        }
+        Ok(())
     }
+
+    fn emit(&self, kb: &mut Kb) {
+        match self {
+            NormKernel::BnSum { shape } => {
+                let l = Layout::new(shape, &[0], &[], &[1]);
+                per_channel(kb, &l, &Sum);
+            }
+            NormKernel::BnSqDev { shape } => {
+                let l = Layout::new(shape, &[0], &[1], &[2]);
+                per_channel(kb, &l, &SqDev { cnt: l.cnt });
+            }
+            NormKernel::BnStats { shape } => stats(kb, shape),
+            NormKernel::BnApply { shape, eps, relu } => {
+                let l = Layout::new(shape, &[0, 5], &[1, 2, 3, 4], &[]);
+                per_channel(
+                    kb,
+                    &l,
+                    &Apply {
+                        eps: *eps,
+                        relu: *relu,
+                    },
+                );
+            }
+            NormKernel::BnGradSums { shape, eps, relu } => {
+                // dy, x, [y]; mean, var; dgamma, dbeta.
+                let (elems, outs): (&[usize], &[usize]) = if *relu {
+                    (&[0, 1, 4], &[5, 6])
+                } else {
+                    (&[0, 1], &[4, 5])
+                };
+                let l = Layout::new(shape, elems, &[2, 3], outs);
+                per_channel(
+                    kb,
+                    &l,
+                    &GradSums {
+                        eps: *eps,
+                        relu: *relu,
+                    },
+                );
+            }
+            NormKernel::BnGradApply { shape, eps, relu } => {
+                // dy, x, dx, [y]; gamma, mean, var, dgamma, dbeta.
+                let elems: &[usize] = if *relu { &[0, 1, 8, 7] } else { &[0, 1, 7] };
+                let l = Layout::new(shape, elems, &[2, 3, 4, 5, 6], &[]);
+                let k = GradApply {
+                    eps: *eps,
+                    relu: *relu,
+                    cnt: l.cnt,
+                };
+                per_channel(kb, &l, &k);
+            }
+            NormKernel::BnInferGrad { shape, eps } => {
+                let l = Layout::new(shape, &[0, 3], &[1, 2], &[]);
+                per_channel(kb, &l, &InferGrad { eps: *eps });
+            }
+            NormKernel::RunningStats { c, momentum, n } => running_stats(kb, *c, *momentum, *n),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The per-channel driver.
+
+/// Vectors per iteration of the unrolled f32x4 loop (and the number of f32x4
+/// accumulators per sum).
+const UNROLL: usize = 4;
+
+/// Which buffers a per-channel kernel reads and writes, by buffer index.
+struct Layout {
+    c: usize,
+    inner: usize,
+    cnt: usize,
+    /// `[N, C, …]` buffers, read or written element by element, in the order
+    /// [`Channelwise::step`] receives their pointers.
+    elems: Vec<usize>,
+    /// `[C]` inputs, loaded once per channel and given to [`Channelwise::consts`].
+    chans: Vec<usize>,
+    /// `[C]` outputs of a reduction: one accumulator each.
+    sums: Vec<usize>,
+}
+
+impl Layout {
+    fn new(shape: &Shape, elems: &[usize], chans: &[usize], sums: &[usize]) -> Layout {
+        let (c, inner, cnt) = layout(shape);
+        Layout {
+            c,
+            inner,
+            cnt,
+            elems: elems.to_vec(),
+            chans: chans.to_vec(),
+            sums: sums.to_vec(),
+        }
+    }
+}
+
+/// A kernel that walks every channel, item and element (see "Loops" in the
+/// module doc). Values have type `ty`: `F32`, or `F32X4` (four elements of one
+/// channel, or one element of four channels when `H·W = 1`).
+trait Channelwise {
+    /// The per-channel constants from the values of the `[C]` inputs.
+    fn consts(&self, kb: &mut Kb, ty: Type, chan: &[Value]) -> Vec<Value>;
+    /// One vector or scalar at byte offset `off` from each element pointer `p`:
+    /// updates the accumulators `acc` (one per output sum) or stores.
+    fn step(&self, kb: &mut Kb, ty: Type, p: &[Value], off: i64, k: &[Value], acc: &mut [Value]);
+    /// The output sums from the accumulators' totals.
+    fn finish(&self, _kb: &mut Kb, _ty: Type, _k: &[Value], acc: &[Value]) -> Vec<Value> {
+        acc.to_vec()
+    }
+}
+
+/// Emits the loop nest of `kern` over the layout `l`.
+fn per_channel(kb: &mut Kb, l: &Layout, kern: &dyn Channelwise) {
+    let elems: Vec<Value> = l.elems.iter().map(|&i| kb.buffer(i)).collect();
+    let chans: Vec<Value> = l.chans.iter().map(|&i| kb.buffer(i)).collect();
+    let sums: Vec<Value> = l.sums.iter().map(|&i| kb.buffer(i)).collect();
+    let bufs = Bufs {
+        elems: &elems,
+        chans: &chans,
+        sums: &sums,
+    };
+    if l.inner == 1 {
+        across_channels(kb, l.c, &bufs, kern);
+    } else {
+        along_channel(kb, l.c, l.inner, &bufs, kern);
+    }
+}
+
+/// The buffer pointers of a [`Layout`].
+struct Bufs<'a> {
+    elems: &'a [Value],
+    chans: &'a [Value],
+    sums: &'a [Value],
+}
+
+/// Accumulators: `vec[u]` (f32x4, one per output sum) for the `u`-th vector of
+/// an unrolled block, `scalar` (f32) for the scalar tail.
+struct Accs {
+    vec: Vec<Vec<Value>>,
+    scalar: Vec<Value>,
+}
+
+impl Accs {
+    fn flatten(&self) -> Vec<Value> {
+        let mut v = self.vec.concat();
+        v.extend(&self.scalar);
+        v
+    }
+
+    /// The inverse of [`Accs::flatten`] for `sets` vector sets of `per` values.
+    fn regroup(flat: &[Value], sets: usize, per: usize) -> Accs {
+        Accs {
+            vec: (0..sets)
+                .map(|s| flat[s * per..(s + 1) * per].to_vec())
+                .collect(),
+            scalar: flat[sets * per..].to_vec(),
+        }
+    }
+}
+
+/// One f32x4 or f32 (the `Type`) at a byte offset from each pointer, updating
+/// the accumulators of its type.
+type Step<'f> = dyn FnMut(&mut Kb, Type, &[Value], i64, &mut [Value]) + 'f;
+
+/// Emits `f` over `len` consecutive f32 from the byte pointers `ptrs` (advancing
+/// together): an f32x4 loop unrolled [`UNROLL`] times (vector `u` of a block uses
+/// `acc.vec[u]`), the leftover vectors (round-robin over `acc.vec`), then scalars
+/// (`acc.scalar`). `acc.vec` must hold `min(UNROLL, len / 4)` sets.
+fn sweep(kb: &mut Kb, ptrs: &[Value], len: usize, mut acc: Accs, f: &mut Step) -> Accs {
+    let block = 4 * UNROLL;
+    let full = len / block;
+    let per = acc.vec.first().map_or(0, Vec::len);
+    if full > 0 {
+        let flat = acc.vec.concat();
+        let out = kb.for_range(
+            Bound::Const(0),
+            Bound::Const((full * block) as i64),
+            block as i64,
+            &flat,
+            |kb, i, carried| {
+                let here: Vec<Value> = ptrs.iter().map(|&p| kb.offset(p, i, 4)).collect();
+                let mut sets = Accs::regroup(carried, UNROLL, per).vec;
+                for (u, set) in sets.iter_mut().enumerate() {
+                    f(kb, F32X4, &here, 16 * u as i64, set);
+                }
+                sets.concat()
+            },
+        );
+        acc.vec = Accs::regroup(&out, UNROLL, per).vec;
+    }
+    let mut at = full * block;
+    let mut u = 0;
+    while at + 4 <= len {
+        f(kb, F32X4, ptrs, 4 * at as i64, &mut acc.vec[u]);
+        u = (u + 1) % acc.vec.len();
+        at += 4;
+    }
+    while at < len {
+        f(kb, F32, ptrs, 4 * at as i64, &mut acc.scalar);
+        at += 1;
+    }
+    acc
+}
+
+/// `H·W > 1`: for each channel, its constants, then every item's `inner`
+/// contiguous elements in f32x4 (see [`sweep`]); a reduction's accumulators are
+/// added, summed across lanes, finished and stored once per channel.
+fn along_channel(kb: &mut Kb, c: usize, inner: usize, bufs: &Bufs, kern: &dyn Channelwise) {
+    let per = bufs.sums.len();
+    let sets = (inner / 4).min(UNROLL);
+    let tail = usize::from(!inner.is_multiple_of(4));
+    let item = (c * inner) as i64;
+    let (start, end) = (kb.start, kb.end);
+    kb.for_range(
+        Bound::Const(0),
+        Bound::Const(c as i64),
+        1,
+        &[],
+        |kb, ch, _| {
+            let vals: Vec<Value> = bufs
+                .chans
+                .iter()
+                .map(|&p| {
+                    let at = kb.offset(p, ch, 4);
+                    kb.load_in(F32, at, 0)
+                })
+                .collect();
+            let ks = kern.consts(kb, F32, &vals);
+            pin(kb, &ks);
+            let kv: Vec<Value> = ks.iter().map(|&k| kb.splat(F32X4, k)).collect();
+            let (zv, zs) = (kb.zero(F32X4), kb.zero(F32));
+            let init = Accs {
+                vec: vec![vec![zv; per]; sets],
+                scalar: vec![zs; per * tail],
+            };
+            let base: Vec<Value> = bufs
+                .elems
+                .iter()
+                .map(|&p| kb.offset(p, ch, 4 * inner as i64))
+                .collect();
+            let flat = kb.for_range(
+                Bound::Val(start),
+                Bound::Val(end),
+                1,
+                &init.flatten(),
+                |kb, n, carried| {
+                    let here: Vec<Value> =
+                        base.iter().map(|&p| kb.offset(p, n, 4 * item)).collect();
+                    let acc = Accs::regroup(carried, sets, per);
+                    let mut step =
+                        |kb: &mut Kb, ty: Type, p: &[Value], off: i64, a: &mut [Value]| {
+                            let k = if ty == F32 { &ks } else { &kv };
+                            kern.step(kb, ty, p, off, k, a);
+                        };
+                    sweep(kb, &here, inner, acc, &mut step).flatten()
+                },
+            );
+            if per > 0 {
+                let acc = Accs::regroup(&flat, sets, per);
+                let totals: Vec<Value> = (0..per)
+                    .map(|j| {
+                        let vecs: Vec<Value> = acc.vec.iter().map(|s| s[j]).collect();
+                        let mut t = (!vecs.is_empty()).then(|| {
+                            let v = tree_sum(kb, &vecs);
+                            hsum(kb, v)
+                        });
+                        if tail == 1 {
+                            let s = acc.scalar[j];
+                            t = Some(t.map_or(s, |t| kb.b.ins().fadd(t, s)));
+                        }
+                        t.expect("a channel has elements")
+                    })
+                    .collect();
+                let out = kern.finish(kb, F32, &ks, &totals);
+                for (&v, &p) in out.iter().zip(bufs.sums) {
+                    let at = kb.offset(p, ch, 4);
+                    kb.store(v, at, 0);
+                }
+            }
+            vec![]
+        },
+    );
+}
+
+/// `H·W = 1` (`[N, C]`): the vectors run across channels. Blocks of
+/// [`UNROLL`] f32x4 (16 channels, one cache line of each buffer per item) in a
+/// loop, then one block of the remaining whole vectors and one of the last
+/// `C mod 4` channels in f32, straight-line. A block loads its constants as
+/// vectors, then walks the items with one accumulator per vector and sum.
+fn across_channels(kb: &mut Kb, c: usize, bufs: &Bufs, kern: &dyn Channelwise) {
+    let per = bufs.sums.len();
+    let item = 4 * c as i64;
+    let (start, end) = (kb.start, kb.end);
+    // `w` values of type `ty` from channel `ch` plus `off` bytes.
+    let block = |kb: &mut Kb, ty: Type, w: usize, ch: Value, off: i64| {
+        let offs: Vec<i64> = (0..w).map(|v| off + ty.bytes() as i64 * v as i64).collect();
+        let chans: Vec<Value> = bufs.chans.iter().map(|&p| kb.offset(p, ch, 4)).collect();
+        let ks: Vec<Vec<Value>> = offs
+            .iter()
+            .map(|&o| {
+                let vals: Vec<Value> = chans.iter().map(|&p| kb.load_in(ty, p, o)).collect();
+                kern.consts(kb, ty, &vals)
+            })
+            .collect();
+        pin(kb, &ks.concat());
+        let zero = kb.zero(ty);
+        let base: Vec<Value> = bufs.elems.iter().map(|&p| kb.offset(p, ch, 4)).collect();
+        let acc = kb.for_range(
+            Bound::Val(start),
+            Bound::Val(end),
+            1,
+            &vec![zero; w * per],
+            |kb, n, carried| {
+                let here: Vec<Value> = base.iter().map(|&p| kb.offset(p, n, item)).collect();
+                let mut sets = Accs::regroup(carried, w, per).vec;
+                for ((set, &o), k) in sets.iter_mut().zip(&offs).zip(&ks) {
+                    kern.step(kb, ty, &here, o, k, set);
+                }
+                sets.concat()
+            },
+        );
+        if per > 0 {
+            let sums: Vec<Value> = bufs.sums.iter().map(|&p| kb.offset(p, ch, 4)).collect();
+            for ((set, &o), k) in Accs::regroup(&acc, w, per).vec.iter().zip(&offs).zip(&ks) {
+                let out = kern.finish(kb, ty, k, set);
+                for (&v, &p) in out.iter().zip(&sums) {
+                    kb.store(v, p, o);
+                }
+            }
+        }
+    };
+    let wide = c / (4 * UNROLL) * (4 * UNROLL);
+    kb.for_range(
+        Bound::Const(0),
+        Bound::Const(wide as i64),
+        4 * UNROLL as i64,
+        &[],
+        |kb, ch, _| {
+            block(kb, F32X4, UNROLL, ch, 0);
+            vec![]
+        },
+    );
+    let zero = kb.iconst(0);
+    let vecs = (c - wide) / 4;
+    if vecs > 0 {
+        block(kb, F32X4, vecs, zero, 4 * wide as i64);
+    }
+    let done = wide + 4 * vecs;
+    if done < c {
+        block(kb, F32, c - done, zero, 4 * done as i64);
+    }
+}
+
+/// Makes Cranelift compute `values` here, in the current block.
+///
+/// Cranelift's egraph pass re-places pure instructions from their first use
+/// (here, the innermost loop) and hoists them out of loops only as far as their
+/// arguments allow; a constant (`f32const`, `iconst`) first used in a loop is
+/// placed just outside that loop, so everything computed from it (the
+/// per-channel constants, from `eps` or `cnt`) would run once per batch item
+/// instead of once per channel. A store is never moved: storing the values to a
+/// stack slot nobody reads makes their first use this block (measured: ~10% off
+/// `BnGradApply` at `[32, 64, 7, 7]`).
+fn pin(kb: &mut Kb, values: &[Value]) {
+    if values.is_empty() {
+        return;
+    }
+    let size = 16 * values.len() as u32;
+    let slot =
+        kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, size, 4));
+    for (i, &v) in values.iter().enumerate() {
+        kb.b.ins().stack_store(I64, v, slot, 16 * i as i32);
+    }
+}
+
+/// `v[0] + v[1] + …` as a balanced tree.
+fn tree_sum(kb: &mut Kb, v: &[Value]) -> Value {
+    match v {
+        [x] => *x,
+        _ => {
+            let (a, b) = v.split_at(v.len() / 2);
+            let (a, b) = (tree_sum(kb, a), tree_sum(kb, b));
+            kb.b.ins().fadd(a, b)
+        }
+    }
+}
+
+/// The sum of an f32x4's lanes, `(l0 + l1) + (l2 + l3)`.
+fn hsum(kb: &mut Kb, v: Value) -> Value {
+    let l: Vec<Value> = (0..4u8).map(|i| kb.b.ins().extractlane(v, i)).collect();
+    tree_sum(kb, &l)
+}
+
+/// `x` as an f32 constant of type `ty` (`F32` or `F32X4`).
+fn konst(kb: &mut Kb, ty: Type, x: f32) -> Value {
+    let s = kb.b.ins().f32const(x);
+    kb.splat(ty, s)
+}
+
+/// `1/sqrt(var + eps)`.
+fn inv_std(kb: &mut Kb, ty: Type, var: Value, eps: f64) -> Value {
+    let e = konst(kb, ty, eps as f32);
+    let one = konst(kb, ty, 1.0);
+    let ve = kb.b.ins().fadd(var, e);
+    let sd = kb.b.ins().sqrt(ve);
+    kb.b.ins().fdiv(one, sd)
+}
+
+// ---------------------------------------------------------------------------
+// The per-channel kernels.
+
+/// `s = Σ x`. Elements: `x`; sums: `s`.
+struct Sum;
+
+impl Channelwise for Sum {
+    fn consts(&self, _kb: &mut Kb, _ty: Type, _chan: &[Value]) -> Vec<Value> {
+        vec![]
+    }
+
+    fn step(&self, kb: &mut Kb, ty: Type, p: &[Value], off: i64, _k: &[Value], acc: &mut [Value]) {
+        let x = kb.load_in(ty, p[0], off);
+        acc[0] = kb.b.ins().fadd(acc[0], x);
+    }
+}
+
+/// `q = Σ (x − s/cnt)²`. Elements: `x`; channels: `s`; sums: `q`.
+struct SqDev {
+    cnt: usize,
+}
+
+impl Channelwise for SqDev {
+    /// `[mean]`.
+    fn consts(&self, kb: &mut Kb, ty: Type, chan: &[Value]) -> Vec<Value> {
+        let cnt = konst(kb, ty, self.cnt as f32);
+        vec![kb.b.ins().fdiv(chan[0], cnt)]
+    }
+
+    fn step(&self, kb: &mut Kb, ty: Type, p: &[Value], off: i64, k: &[Value], acc: &mut [Value]) {
+        let x = kb.load_in(ty, p[0], off);
+        let d = kb.b.ins().fsub(x, k[0]);
+        acc[0] = kb.fma(d, d, acc[0]);
+    }
+}
+
+/// `y = (x − mean)·scale + beta`, `scale = gamma/sqrt(var + eps)`, [ReLU].
+/// Elements: `x`, `y`; channels: `gamma`, `beta`, `mean`, `var`.
+///
+/// `(x − mean)·scale + beta` rather than `x·scale + (beta − mean·scale)`: one
+/// subtraction more per element, but no cancellation when `|mean|` is large
+/// against the spread.
+struct Apply {
+    eps: f64,
+    relu: bool,
+}
+
+impl Channelwise for Apply {
+    /// `[mean, scale, beta]`.
+    fn consts(&self, kb: &mut Kb, ty: Type, chan: &[Value]) -> Vec<Value> {
+        let (gamma, beta, mean, var) = (chan[0], chan[1], chan[2], chan[3]);
+        let e = konst(kb, ty, self.eps as f32);
+        let ve = kb.b.ins().fadd(var, e);
+        let sd = kb.b.ins().sqrt(ve);
+        let scale = kb.b.ins().fdiv(gamma, sd);
+        vec![mean, scale, beta]
+    }
+
+    fn step(&self, kb: &mut Kb, ty: Type, p: &[Value], off: i64, k: &[Value], _: &mut [Value]) {
+        let x = kb.load_in(ty, p[0], off);
+        let d = kb.b.ins().fsub(x, k[0]);
+        let mut y = kb.fma(d, k[1], k[2]);
+        if self.relu {
+            y = kb.where_positive(ty, y, y);
+        }
+        kb.store(y, p[1], off);
+    }
+}
+
+/// `dy' = dy` masked by `y > 0` when `relu` (`y` is `p[mask]`).
+fn masked_dy(kb: &mut Kb, ty: Type, p: &[Value], off: i64, mask: Option<usize>) -> Value {
+    let dy = kb.load_in(ty, p[0], off);
+    match mask {
+        Some(i) => {
+            let y = kb.load_in(ty, p[i], off);
+            kb.where_positive(ty, y, dy)
+        }
+        None => dy,
+    }
+}
+
+/// `dgamma = inv·Σ dy'·(x − mean)`, `dbeta = Σ dy'` (`inv = 1/sqrt(var + eps)`
+/// applied once per channel). Elements: `dy`, `x`, [`y`]; channels: `mean`,
+/// `var`; sums: `dgamma`, `dbeta`.
+struct GradSums {
+    eps: f64,
+    relu: bool,
+}
+
+impl Channelwise for GradSums {
+    /// `[mean, inv]`.
+    fn consts(&self, kb: &mut Kb, ty: Type, chan: &[Value]) -> Vec<Value> {
+        vec![chan[0], inv_std(kb, ty, chan[1], self.eps)]
+    }
+
+    fn step(&self, kb: &mut Kb, ty: Type, p: &[Value], off: i64, k: &[Value], acc: &mut [Value]) {
+        let dy = masked_dy(kb, ty, p, off, self.relu.then_some(2));
+        let x = kb.load_in(ty, p[1], off);
+        let d = kb.b.ins().fsub(x, k[0]);
+        acc[0] = kb.fma(dy, d, acc[0]);
+        acc[1] = kb.b.ins().fadd(acc[1], dy);
+    }
+
+    fn finish(&self, kb: &mut Kb, _ty: Type, k: &[Value], acc: &[Value]) -> Vec<Value> {
+        vec![kb.b.ins().fmul(acc[0], k[1]), acc[1]]
+    }
+}
+
+/// `dx = a·dy' + b·(x − mean) + c` with, per channel, `inv = 1/sqrt(var + eps)`,
+/// `a = gamma·inv`, `b = −a·inv·dgamma/cnt`, `c = −a·dbeta/cnt`: the formula of
+/// [`NormKernel::BnGradApply`] expanded. Elements: `dy`, `x`, `dx`, [`y`];
+/// channels: `gamma`, `mean`, `var`, `dgamma`, `dbeta`.
+struct GradApply {
+    eps: f64,
+    relu: bool,
+    cnt: usize,
+}
+
+impl Channelwise for GradApply {
+    /// `[mean, a, b, c]`.
+    fn consts(&self, kb: &mut Kb, ty: Type, chan: &[Value]) -> Vec<Value> {
+        let (gamma, mean, var, dgamma, dbeta) = (chan[0], chan[1], chan[2], chan[3], chan[4]);
+        let inv = inv_std(kb, ty, var, self.eps);
+        let cnt = konst(kb, ty, self.cnt as f32);
+        let a = kb.b.ins().fmul(gamma, inv);
+        let ai = kb.b.ins().fmul(a, inv);
+        let dg = kb.b.ins().fdiv(dgamma, cnt);
+        let db = kb.b.ins().fdiv(dbeta, cnt);
+        let b = kb.b.ins().fmul(ai, dg);
+        let c = kb.b.ins().fmul(a, db);
+        let (b, c) = (kb.b.ins().fneg(b), kb.b.ins().fneg(c));
+        vec![mean, a, b, c]
+    }
+
+    fn step(&self, kb: &mut Kb, ty: Type, p: &[Value], off: i64, k: &[Value], _: &mut [Value]) {
+        let dy = masked_dy(kb, ty, p, off, self.relu.then_some(3));
+        let x = kb.load_in(ty, p[1], off);
+        let d = kb.b.ins().fsub(x, k[0]);
+        let t = kb.fma(k[2], d, k[3]);
+        let dx = kb.fma(k[1], dy, t);
+        kb.store(dx, p[2], off);
+    }
+}
+
+/// `dx = dy·gamma/sqrt(var + eps)`. Elements: `dy`, `dx`; channels: `gamma`, `var`.
+struct InferGrad {
+    eps: f64,
+}
+
+impl Channelwise for InferGrad {
+    /// `[gamma/sqrt(var + eps)]`.
+    fn consts(&self, kb: &mut Kb, ty: Type, chan: &[Value]) -> Vec<Value> {
+        let inv = inv_std(kb, ty, chan[1], self.eps);
+        vec![kb.b.ins().fmul(chan[0], inv)]
+    }
+
+    fn step(&self, kb: &mut Kb, ty: Type, p: &[Value], off: i64, k: &[Value], _: &mut [Value]) {
+        let dy = kb.load_in(ty, p[0], off);
+        let dx = kb.b.ins().fmul(dy, k[0]);
+        kb.store(dx, p[1], off);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The once-per-call kernels over `[C]` vectors.
+
+/// The outputs at one position from the inputs' values there (of type `ty`).
+type PerChannel<'f> = dyn FnMut(&mut Kb, Type, &[Value]) -> Vec<Value> + 'f;
+
+/// Runs `f(kb, ty, values at this position of every buffer in `ins`)` over `c`
+/// elements and stores its results to the buffers `outs`.
+fn over_channels(kb: &mut Kb, c: usize, ins: &[usize], outs: &[usize], f: &mut PerChannel) {
+    let ptrs: Vec<Value> = ins.iter().chain(outs).map(|&i| kb.buffer(i)).collect();
+    let n_in = ins.len();
+    let acc = Accs {
+        vec: vec![vec![]; (c / 4).min(UNROLL)],
+        scalar: vec![],
+    };
+    let mut step = |kb: &mut Kb, ty: Type, p: &[Value], off: i64, _: &mut [Value]| {
+        let vals: Vec<Value> = p[..n_in].iter().map(|&q| kb.load_in(ty, q, off)).collect();
+        let out = f(kb, ty, &vals);
+        for (&v, &q) in out.iter().zip(&p[n_in..]) {
+            kb.store(v, q, off);
+        }
+    };
+    sweep(kb, &ptrs, c, acc, &mut step);
+}
+
+/// `mean = s/cnt`, `var = q/cnt`. Buffers: `s`, `q`, `mean`, `var`.
+fn stats(kb: &mut Kb, shape: &Shape) {
+    let (c, _, cnt) = layout(shape);
+    over_channels(kb, c, &[0, 1], &[2, 3], &mut |kb, ty, v| {
+        let n = konst(kb, ty, cnt as f32);
+        vec![kb.b.ins().fdiv(v[0], n), kb.b.ins().fdiv(v[1], n)]
+    });
+}
+
+/// The running-statistics update, rounded as the interpreter (f32 momentum,
+/// `(1 − m)·r + (m·b)·unbias`, no fma). Buffers: `rm`, `rv`, `mean`, `var`,
+/// `rm'`, `rv'`.
+fn running_stats(kb: &mut Kb, c: usize, momentum: f64, n: usize) {
+    let m = momentum as f32;
+    let unbias = if n > 1 {
+        (n as f64 / (n as f64 - 1.0)) as f32
+    } else {
+        1.0
+    };
+    over_channels(kb, c, &[0, 1, 2, 3], &[4, 5], &mut |kb, ty, v| {
+        let (rm, rv, bm, bv) = (v[0], v[1], v[2], v[3]);
+        let km = konst(kb, ty, m);
+        let keep = konst(kb, ty, 1.0 - m);
+        let ku = konst(kb, ty, unbias);
+        let a = kb.b.ins().fmul(keep, rm);
+        let b = kb.b.ins().fmul(km, bm);
+        let new_m = kb.b.ins().fadd(a, b);
+        let a = kb.b.ins().fmul(keep, rv);
+        let b = kb.b.ins().fmul(km, bv);
+        let b = kb.b.ins().fmul(b, ku);
+        let new_v = kb.b.ins().fadd(a, b);
+        vec![new_m, new_v]
+    });
 }
