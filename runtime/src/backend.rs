@@ -1,10 +1,11 @@
 //! Backends run the compiled graphs of a model on batches: one training step
 //! (loss, correct count, gradients, running-stat updates) and evaluation (loss,
 //! correct count, logits). The reference interpreter is one; the Cranelift JIT
-//! will be another, behind the same trait.
+//! (the default) is the other, behind the same trait.
 
 use crate::params::Params;
 use cnnc_compiler::checked::CheckedModel;
+use cnnc_compiler::codegen::exec::Executable;
 use cnnc_compiler::interp::{self, Tensor};
 use cnnc_compiler::ir::lower::{eval_graph, train_graph};
 use cnnc_compiler::ir::{Graph, Role, Vid};
@@ -167,6 +168,142 @@ impl Backend for Interpreter {
             logits: out("logits")
                 .map(|t| t.iter().copied().collect())
                 .unwrap_or_default(),
+        })
+    }
+}
+
+/// The Cranelift JIT: each graph planned, fused and compiled once per batch size
+/// into an [`Executable`] (kernels, arena, threads).
+pub struct Jit {
+    model: CheckedModel,
+    smoothing: f64,
+    threads: usize,
+    train: HashMap<usize, Executable>,
+    eval: HashMap<usize, Executable>,
+}
+
+impl Jit {
+    pub fn new(model: &CheckedModel, smoothing: f64, threads: usize) -> Self {
+        Jit {
+            model: model.clone(),
+            smoothing,
+            threads: threads.max(1),
+            train: HashMap::new(),
+            eval: HashMap::new(),
+        }
+    }
+
+    /// The training executable for batches of `n`, compiled on first use.
+    pub fn train_executable(&mut self, n: usize) -> Result<&mut Executable, String> {
+        if !self.train.contains_key(&n) {
+            let g = train_graph(&self.model, n, self.smoothing);
+            self.train.insert(n, Executable::new(&g, self.threads)?);
+        }
+        Ok(self.train.get_mut(&n).expect("inserted"))
+    }
+
+    /// The inference executable for batches of `n`, compiled on first use.
+    pub fn eval_executable(&mut self, n: usize) -> Result<&mut Executable, String> {
+        if !self.eval.contains_key(&n) {
+            let g = eval_graph(&self.model, n);
+            self.eval.insert(n, Executable::new(&g, self.threads)?);
+        }
+        Ok(self.eval.get_mut(&n).expect("inserted"))
+    }
+}
+
+/// Copies the images, labels, seed and every parameter and buffer the executable
+/// reads into its arena.
+fn feed_executable(
+    exe: &mut Executable,
+    params: &Params,
+    x: &[f32],
+    labels: &[u32],
+    seed: u32,
+) -> Result<(), String> {
+    if exe.has_feed("x") {
+        exe.feed("x", x)?;
+    }
+    if exe.has_feed("labels") {
+        let l: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+        exe.feed("labels", &l)?;
+    }
+    if exe.has_feed("seed") {
+        exe.feed("seed", &[seed as f32])?;
+    }
+    for i in 0..params.len() {
+        let spec = params.spec(i);
+        if exe.has_feed(&spec.name) {
+            let data = params
+                .get(&spec.name)
+                .and_then(|t| t.as_f32())
+                .ok_or_else(|| format!("no parameter `{}`", spec.name))?;
+            exe.feed(&spec.name, data)?;
+        }
+    }
+    Ok(())
+}
+
+fn first(exe: &Executable, name: &str) -> f32 {
+    exe.get(name)
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f32::NAN)
+}
+
+impl Backend for Jit {
+    fn train_step(
+        &mut self,
+        params: &Params,
+        x: &[f32],
+        labels: &[u32],
+        n: usize,
+        seed: u32,
+    ) -> Result<StepOut, String> {
+        let exe = self.train_executable(n)?;
+        feed_executable(exe, params, x, labels, seed)?;
+        exe.run();
+        let grads = params
+            .trainable()
+            .iter()
+            .map(|&i| {
+                let spec = params.spec(i);
+                match exe.get(&format!("grad:{}", spec.name)) {
+                    Some(g) => g.to_vec(),
+                    None => vec![0.0; spec.shape.iter().product()],
+                }
+            })
+            .collect();
+        let mut updates = Vec::new();
+        for (name, _) in &exe.plan().outputs {
+            if let Some(buffer) = name.strip_prefix("update:") {
+                let i = params
+                    .index_of(buffer)
+                    .ok_or_else(|| format!("no buffer `{buffer}`"))?;
+                updates.push((i, exe.get(name).unwrap_or_default().to_vec()));
+            }
+        }
+        Ok(StepOut {
+            loss: first(exe, "loss"),
+            correct: first(exe, "correct") as usize,
+            grads,
+            updates,
+        })
+    }
+
+    fn eval(
+        &mut self,
+        params: &Params,
+        x: &[f32],
+        labels: &[u32],
+        n: usize,
+    ) -> Result<EvalOut, String> {
+        let exe = self.eval_executable(n)?;
+        feed_executable(exe, params, x, labels, 0)?;
+        exe.run();
+        Ok(EvalOut {
+            loss: first(exe, "loss"),
+            correct: first(exe, "correct") as usize,
+            logits: exe.get("logits").unwrap_or_default().to_vec(),
         })
     }
 }

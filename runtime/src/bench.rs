@@ -14,12 +14,14 @@
 //! Per-kernel times are not measured: the interpreter's op loop lives in the
 //! compiler crate and has no timing hook; the JIT backend will report them.
 
-use crate::backend::{Backend, Interpreter};
+use crate::backend::{Backend, Interpreter, Jit};
 use crate::data::Batch;
 use crate::optim::Optimizer;
 use crate::params::Params;
-use crate::train::{self, BackendKind, RunError, StepPlan};
+use crate::train::{self, BackendKind, Engine, RunError, StepPlan};
 use cnnc_compiler::checked::{CheckedModel, Loss, TrainConfig};
+use cnnc_compiler::codegen::exec::Executable;
+use cnnc_compiler::codegen::plan::StepKind;
 use cnnc_compiler::ir::lower::{eval_graph, train_graph};
 use cnnc_compiler::params::param_specs;
 use rand_chacha::rand_core::{Rng, SeedableRng};
@@ -33,9 +35,8 @@ pub struct BenchOptions {
     pub steps: usize,
     /// Untimed steps after the first one, before the timed ones.
     pub warmup: usize,
-    pub backend: BackendKind,
-    /// Threads asked for; a backend that cannot use them runs on one.
-    pub threads: usize,
+    /// The backend and the threads asked for (the interpreter runs on one).
+    pub engine: Engine,
 }
 
 /// Median, fastest and slowest of a series of times, in milliseconds.
@@ -91,6 +92,26 @@ impl Isa {
         #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
         let (avx, avx2, fma, avx512f) = (false, false, false, false);
         let used = match backend {
+            // The JIT's kernels are generated for the flags Cranelift detects on
+            // this CPU (checked when the JIT starts); their matrix products call
+            // the GEMM microkernel chosen at run time.
+            BackendKind::Jit => {
+                let cl = match cnnc_compiler::codegen::Jit::new() {
+                    Ok(j) => {
+                        let f32x4 = if j.isa().native_fma {
+                            "f32x4 + fma"
+                        } else {
+                            "f32x4, no native fma"
+                        };
+                        format!("cranelift {f32x4} ({})", j.isa().summary())
+                    }
+                    Err(e) => format!("cranelift unavailable: {e}"),
+                };
+                format!(
+                    "{cl}, gemm microkernel {}",
+                    cnnc_compiler::codegen::gemm::sgemm_kernel_name()
+                )
+            }
             // The interpreter's loops are compiled for the target's baseline
             // (features enabled at compile time); its matrix products go through
             // matrixmultiply, which picks its sgemm kernel at run time (fma+avx2,
@@ -159,16 +180,44 @@ pub struct BenchReport {
     pub train_images_per_sec: f64,
     /// Inference images per second at the median batch.
     pub infer_images_per_sec: f64,
+    /// The JIT's arenas (training and inference executables at the batch size):
+    /// every buffer of a step, laid out by lifetime; `null` for the interpreter.
+    pub arena_bytes: Option<u64>,
     /// Peak resident memory of the process (Linux `VmHWM`); `null` elsewhere.
     pub peak_bytes: Option<u64>,
+    /// Time per training-graph kernel (JIT only), slowest first, from a separate
+    /// profiled series of steps.
+    pub kernels: Vec<KernelTime>,
     pub isa: Isa,
     /// Loss of the last timed step (a sanity check: finite).
     pub last_loss: f32,
 }
 
-fn backend_name(kind: BackendKind) -> &'static str {
-    match kind {
-        BackendKind::Interp => "interp",
+/// One kernel (step) of the JIT's training executable.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelTime {
+    /// `k3 batchnorm+relu @bn1`
+    pub name: String,
+    /// How it runs: `jit items`, `jit reduce`, `native gemm …`, `ref interpreter`.
+    pub kind: String,
+    /// Median over the profiled steps.
+    pub ms: f64,
+    /// GFLOP/s at that time, for kernels that count their work.
+    pub gflops: Option<f64>,
+}
+
+/// A backend kept concretely, for what only the JIT reports.
+enum Built {
+    Interp(Interpreter),
+    Jit(Jit),
+}
+
+impl Built {
+    fn engine(&mut self) -> &mut dyn Backend {
+        match self {
+            Built::Interp(b) => b,
+            Built::Jit(b) => b,
+        }
     }
 }
 
@@ -179,21 +228,27 @@ fn backend_name(kind: BackendKind) -> &'static str {
 /// its own, and the backend repeats it during the first, separately reported,
 /// step. A compiling backend (the JIT) adds its arm here and times its compile.
 fn build(
-    kind: BackendKind,
+    engine: Engine,
     model: &CheckedModel,
     cfg: &TrainConfig,
     n: usize,
-) -> (Box<dyn Backend>, f64) {
+) -> Result<(Built, f64), RunError> {
     let Loss::CrossEntropy { smoothing } = cfg.loss;
-    match kind {
+    let t0 = Instant::now();
+    Ok(match engine.kind {
         BackendKind::Interp => {
-            let t0 = Instant::now();
             let graphs = (train_graph(model, n, smoothing), eval_graph(model, n));
             let ms = ms_since(t0);
             drop(graphs);
-            (Box::new(Interpreter::new(model, smoothing)), ms)
+            (Built::Interp(Interpreter::new(model, smoothing)), ms)
         }
-    }
+        BackendKind::Jit => {
+            let mut jit = Jit::new(model, smoothing, engine.threads);
+            jit.train_executable(n).map_err(train::backend_error)?;
+            jit.eval_executable(n).map_err(train::backend_error)?;
+            (Built::Jit(jit), ms_since(t0))
+        }
+    })
 }
 
 fn ms_since(t0: Instant) -> f64 {
@@ -248,7 +303,8 @@ pub fn run(
     let mut opt = Optimizer::new(&cfg.optimizer, &specs);
     let plan = StepPlan::new(&params, &cfg.clip);
     let lr = opt.base_lr() as f32;
-    let (mut engine, compile_ms) = build(opts.backend, model, cfg, n);
+    let (mut built, compile_ms) = build(opts.engine, model, cfg, n)?;
+    let engine = built.engine();
 
     let mut seed = 0u32;
     let mut step = |engine: &mut dyn Backend,
@@ -260,14 +316,14 @@ pub fn run(
         seed = seed.wrapping_add(1) % (1 << 24);
         Ok((ms_since(t0), s.loss))
     };
-    let (first_step_ms, _) = step(engine.as_mut(), &mut params, &mut opt)?;
+    let (first_step_ms, _) = step(engine, &mut params, &mut opt)?;
     for _ in 0..opts.warmup {
-        step(engine.as_mut(), &mut params, &mut opt)?;
+        step(engine, &mut params, &mut opt)?;
     }
     let mut train_ms = Vec::with_capacity(opts.steps);
     let mut last_loss = f32::NAN;
     for _ in 0..opts.steps {
-        let (ms, loss) = step(engine.as_mut(), &mut params, &mut opt)?;
+        let (ms, loss) = step(engine, &mut params, &mut opt)?;
         train_ms.push(ms);
         last_loss = loss;
     }
@@ -287,16 +343,29 @@ pub fn run(
         .map(|_| infer())
         .collect::<Result<Vec<f64>, RunError>>()?;
 
+    let (kernels, arena_bytes) = match &mut built {
+        Built::Interp(_) => (Vec::new(), None),
+        Built::Jit(jit) => {
+            let exe = jit.train_executable(n).map_err(train::backend_error)?;
+            let kernels = kernel_times(exe, opts.steps.clamp(3, 20));
+            let train_arena = exe.plan().peak_bytes() as u64;
+            let eval_arena = jit
+                .eval_executable(n)
+                .map_err(train::backend_error)?
+                .plan()
+                .peak_bytes() as u64;
+            (kernels, Some(train_arena + eval_arena))
+        }
+    };
+
     let train_step_ms = Spread::of(&train_ms);
     let infer_ms = Spread::of(&infer_ms);
     let per_sec = |ms: f64| n as f64 / (ms / 1e3).max(1e-12);
     Ok(BenchReport {
         model: model.name.clone(),
-        backend: backend_name(opts.backend),
-        threads: match opts.backend {
-            BackendKind::Interp => 1,
-        },
-        threads_requested: opts.threads,
+        backend: opts.engine.kind.name(),
+        threads: opts.engine.effective_threads(),
+        threads_requested: opts.engine.threads,
         batch: n,
         steps: opts.steps,
         warmup: opts.warmup,
@@ -306,8 +375,10 @@ pub fn run(
         infer_images_per_sec: per_sec(infer_ms.median),
         train_step_ms,
         infer_ms,
+        arena_bytes,
         peak_bytes: peak_bytes(),
-        isa: Isa::detect(opts.backend),
+        kernels,
+        isa: Isa::detect(opts.engine.kind),
         last_loss,
     })
 }
@@ -357,37 +428,74 @@ pub fn human(r: &BenchReport) -> String {
         yes(r.isa.avx512f),
         r.isa.used
     ));
-    s.push_str(
-        "  per-kernel   not measured by the interpreter (the JIT backend will report them)\n",
-    );
+    if let Some(a) = r.arena_bytes {
+        s.push_str(&format!(
+            "  arena        {:.1} MiB (training + inference executables)\n",
+            a as f64 / (1024.0 * 1024.0)
+        ));
+    }
+    if r.kernels.is_empty() {
+        s.push_str("  per-kernel   not measured by the interpreter\n");
+    } else {
+        let total: f64 = r.kernels.iter().map(|k| k.ms).sum();
+        s.push_str(&format!(
+            "  per-kernel   training step, median of profiled steps (sum {total:.2} ms):\n"
+        ));
+        for k in &r.kernels {
+            let gf = k
+                .gflops
+                .map_or(String::new(), |g| format!("{g:6.1} GFLOP/s"));
+            s.push_str(&format!(
+                "    {:>8.3} ms {:>5.1}%  {:<44} {:<22} {gf}\n",
+                k.ms,
+                100.0 * k.ms / total.max(1e-12),
+                k.name,
+                k.kind
+            ));
+        }
+    }
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spread_median_min_max() {
-        let s = Spread::of(&[3.0, 1.0, 2.0]);
-        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
-        let s = Spread::of(&[4.0, 1.0, 2.0, 3.0]);
-        assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 4.0));
-    }
-
-    #[test]
-    fn synthetic_batches_are_in_range_with_cycling_labels() {
-        let b = synthetic_batch(&[1, 4, 4], 3, 5, 7);
-        assert_eq!(b.x.len(), 5 * 16);
-        assert!(b.x.iter().all(|&v| (0.0..1.0).contains(&v)));
-        assert_eq!(b.labels, [0, 1, 2, 0, 1]);
-        assert_eq!(b, synthetic_batch(&[1, 4, 4], 3, 5, 7));
-    }
-
-    #[test]
-    fn peak_memory_is_read_on_linux() {
-        if cfg!(target_os = "linux") {
-            assert!(peak_bytes().is_some_and(|b| b > 0));
+/// Per-step medians of `runs` profiled runs of `exe` (its inputs are those of
+/// the last training step), slowest first.
+fn kernel_times(exe: &mut Executable, runs: usize) -> Vec<KernelTime> {
+    let count = exe.plan().steps.len();
+    let mut per: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); count];
+    for _ in 0..runs {
+        exe.set_profiling(true);
+        exe.run();
+        for (i, d) in exe.profile().unwrap_or_default().iter().enumerate() {
+            per[i].push(d.as_secs_f64() * 1e3);
         }
     }
+    exe.set_profiling(false);
+    let mut out: Vec<KernelTime> = exe
+        .plan()
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, st)| {
+            let ms = Spread::of(&per[i]).median;
+            let (kind, flops) = match &st.kind {
+                StepKind::Jit(k) => (
+                    format!("jit {:?}", k.par()).to_lowercase(),
+                    k.flops_per_item() * k.work() as u64,
+                ),
+                StepKind::Native(nat) => (nat.label(), nat.flops()),
+            };
+            let layer = st
+                .layer
+                .as_deref()
+                .map_or(String::new(), |l| format!(" @{l}"));
+            KernelTime {
+                name: format!("k{i} {}{layer}", st.ops),
+                kind,
+                ms,
+                gflops: (flops > 1_000_000 && ms > 0.0).then(|| flops as f64 / (ms * 1e6)),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    out
 }

@@ -77,9 +77,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub epochs: Option<u64>,
 
-    /// The engine that runs the graphs.
-    #[arg(long, value_enum, default_value_t = crate::train::BackendKind::Interp)]
-    pub backend: crate::train::BackendKind,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 
     /// Start from these weights (a safetensors file with cnnc's / PyTorch's names)
     /// instead of a random initialisation.
@@ -113,9 +112,33 @@ pub struct EvalArgs {
     #[arg(long, value_name = "OUT.npy")]
     pub logits: Option<PathBuf>,
 
-    /// The engine that runs the graphs.
-    #[arg(long, value_enum, default_value_t = crate::train::BackendKind::Interp)]
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// `--backend` and `--threads`, shared by the commands that run a model.
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// The engine that runs the graphs: `jit` (fused native kernels) or `interp`
+    /// (the reference interpreter, single-threaded).
+    #[arg(long, value_enum, default_value_t = crate::train::BackendKind::Jit)]
     pub backend: crate::train::BackendKind,
+
+    /// Worker threads for the JIT backend [default: all cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub threads: Option<u64>,
+}
+
+impl EngineArgs {
+    pub fn engine(&self) -> crate::train::Engine {
+        let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+        crate::train::Engine {
+            kind: self.backend,
+            threads: self
+                .threads
+                .map_or(all, |t| usize::try_from(t).unwrap_or(all)),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -135,15 +158,8 @@ pub struct BenchArgs {
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub warmup: u64,
 
-    /// Threads to run on. The interpreter is single-threaded: it runs on one
-    /// whatever this says, and the report says so.
-    #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u64).range(1..=1024))]
-    pub threads: u64,
-
-    /// The engine that runs the graphs.
-    #[arg(long, value_enum, default_value_t = crate::train::BackendKind::Interp)]
-    pub backend: crate::train::BackendKind,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 
     /// Print one JSON object: `train_step_ms` and `infer_ms` as `{median, min,
     /// max}`, `compile_ms`, `first_step_ms`, `peak_bytes` (null where unknown),
@@ -161,6 +177,10 @@ pub struct DumpArgs {
     /// The `.cnn` file.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
+
+    /// Threads the plan is made for (`plan`, `clif`) [default: all cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub threads: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -199,9 +219,10 @@ pub enum Stage {
     Graph,
     /// The training graph after autodiff (with the backward pass).
     Grad,
-    /// The fused kernel plan (not built yet).
+    /// The JIT's plan of the training graph: fused steps, their buffers and
+    /// arena offsets.
     Plan,
-    /// The Cranelift IR of each kernel (not built yet).
+    /// The Cranelift IR of every kernel of the training graph, as generated.
     Clif,
 }
 

@@ -107,7 +107,7 @@ fn run_cmd(args: &RunArgs, color: bool) -> i32 {
         out: args.out.clone(),
         overwrite: args.overwrite,
         epochs: args.epochs,
-        backend: args.backend,
+        engine: args.engine.engine(),
         init: args.init.clone(),
     };
     match crate::train::run(&args.file, model, train, &opts) {
@@ -151,7 +151,7 @@ fn eval_cmd(args: &EvalArgs, color: bool) -> i32 {
         checked.train.as_ref(),
         &args.weights,
         args.data.as_deref(),
-        args.backend,
+        args.engine.engine(),
         args.logits.as_deref(),
     ) {
         Ok((loss, acc, n)) => {
@@ -183,8 +183,7 @@ fn bench_cmd(args: &BenchArgs, color: bool) -> i32 {
     let opts = crate::bench::BenchOptions {
         steps: usize::try_from(args.steps).unwrap_or(usize::MAX),
         warmup: usize::try_from(args.warmup).unwrap_or(usize::MAX),
-        backend: args.backend,
-        threads: usize::try_from(args.threads).unwrap_or(1),
+        engine: args.engine.engine(),
     };
     match crate::bench::run(model, checked.train.as_ref(), &opts) {
         Ok(r) if args.json => match serde_json::to_string(&r) {
@@ -206,15 +205,7 @@ fn dump(args: &DumpArgs, color: bool) -> i32 {
     match args.stage {
         Stage::Ast => dump_ast(args, color),
         Stage::Checked => dump_checked(args, color),
-        Stage::Graph | Stage::Grad => dump_graph(args, color),
-        later => {
-            print_err(&format!(
-                "error: stage `{}` is built by a later version of cnnc\n\
-                 note: the stages available now are `ast`, `checked`, `graph` and `grad`\n",
-                later.name()
-            ));
-            exit::USAGE
-        }
+        Stage::Graph | Stage::Grad | Stage::Plan | Stage::Clif => dump_graph(args, color),
     }
 }
 
@@ -275,12 +266,22 @@ fn dump_graph(args: &DumpArgs, color: bool) -> i32 {
         }
         None => (cnnc_compiler::summary::DEFAULT_BATCH as usize, 0.0),
     };
-    let g = if args.stage == Stage::Graph {
-        lower::loss_graph(model, batch, smoothing)
-    } else {
-        lower::train_graph(model, batch, smoothing)
+    let threads = args.threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |t| usize::try_from(t).unwrap_or(1),
+    );
+    let g = match args.stage {
+        Stage::Graph => lower::loss_graph(model, batch, smoothing),
+        _ => lower::train_graph(model, batch, smoothing),
     };
-    print_out(&text::print(&g));
+    match args.stage {
+        Stage::Plan => print_out(&cnnc_compiler::codegen::plan::Plan::new(&g, threads).dump()),
+        Stage::Clif => match cnnc_compiler::codegen::exec::Executable::new(&g, threads) {
+            Ok(exe) => print_out(&exe.jit().dump_clif()),
+            Err(e) => return internal_error(&format!("compiling the training graph: {e}")),
+        },
+        _ => print_out(&text::print(&g)),
+    }
     exit::OK
 }
 

@@ -6,7 +6,7 @@
 //! are updated. After every epoch the test set is evaluated, a line is printed,
 //! one object is appended to `metrics.jsonl`, and checkpoints are written.
 
-use crate::backend::{Backend, Interpreter};
+use crate::backend::{Backend, Interpreter, Jit};
 use crate::checkpoint::{self, CheckpointError, TrainPoint};
 use crate::data::{self, Batch, DataError, Dataset, Loader};
 use crate::optim::{clip, ClipOutcome, ClipStats, Optimizer, Schedule};
@@ -41,25 +41,51 @@ pub enum RunError {
     NoTrain,
     #[error("bad --data `{0}`: expected mnist:PATH or folder:PATH")]
     DataSpec(String),
-    #[error("internal error in the {backend} backend: {message}")]
-    Backend {
-        backend: &'static str,
-        message: String,
-    },
+    #[error("internal error in the backend: {message}")]
+    Backend { message: String },
 }
 
 /// Which engine runs the graphs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
+    /// Fused native kernels compiled with Cranelift (the default).
+    Jit,
     /// The reference interpreter (ndarray; simple and slow).
     Interp,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Jit => "jit",
+            BackendKind::Interp => "interp",
+        }
+    }
+}
+
+/// A backend and the threads it may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Engine {
+    pub kind: BackendKind,
+    /// Worker threads (the interpreter always runs on one).
+    pub threads: usize,
+}
+
+impl Engine {
+    /// Threads the engine really runs on.
+    pub fn effective_threads(self) -> usize {
+        match self.kind {
+            BackendKind::Jit => self.threads.max(1),
+            BackendKind::Interp => 1,
+        }
+    }
 }
 
 pub struct RunOptions {
     pub out: Option<PathBuf>,
     pub overwrite: bool,
     pub epochs: Option<u64>,
-    pub backend: BackendKind,
+    pub engine: Engine,
     pub init: Option<PathBuf>,
 }
 
@@ -148,8 +174,8 @@ pub fn train_step(
     })
 }
 
-fn backend(
-    kind: BackendKind,
+pub(crate) fn backend(
+    engine: Engine,
     model: &CheckedModel,
     train: Option<&TrainConfig>,
 ) -> Box<dyn Backend> {
@@ -157,16 +183,14 @@ fn backend(
         let Loss::CrossEntropy { smoothing } = t.loss;
         smoothing
     });
-    match kind {
+    match engine.kind {
+        BackendKind::Jit => Box::new(Jit::new(model, smoothing, engine.threads)),
         BackendKind::Interp => Box::new(Interpreter::new(model, smoothing)),
     }
 }
 
 pub(crate) fn backend_error(message: String) -> RunError {
-    RunError::Backend {
-        backend: "interp",
-        message,
-    }
+    RunError::Backend { message }
 }
 
 /// The data must fit the model (checked here for folders, whose image size is
@@ -243,7 +267,7 @@ pub fn run(
         None => Params::init(&specs, cfg.seed)?,
     };
     let out = run_folder(file, opts)?;
-    let mut engine = backend(opts.backend, model, Some(cfg));
+    let mut engine = backend(opts.engine, model, Some(cfg));
     let mut opt = Optimizer::new(&cfg.optimizer, &specs);
     let schedule = Schedule::new(&cfg.schedule);
     let epochs = opts.epochs.unwrap_or(cfg.epochs);
@@ -257,14 +281,19 @@ pub fn run(
         reason: e.to_string(),
     })?;
     println!(
-        "training `{}` on {} images ({} test), {} epochs of {} steps, {} backend; run folder {}",
+        "training `{}` on {} images ({} test), {} epochs of {} steps, {}; run folder {}",
         model.name,
         splits.train.len(),
         splits.test.len(),
         epochs,
         steps_per_epoch,
-        match opts.backend {
-            BackendKind::Interp => "interpreter",
+        match opts.engine.kind {
+            BackendKind::Interp => "interpreter backend".to_string(),
+            BackendKind::Jit => format!(
+                "jit backend, {} thread{}",
+                opts.engine.threads,
+                if opts.engine.threads == 1 { "" } else { "s" }
+            ),
         },
         out.display()
     );
@@ -454,7 +483,7 @@ pub fn eval(
     train: Option<&TrainConfig>,
     weights: &Path,
     data: Option<&str>,
-    kind: BackendKind,
+    engine: Engine,
     logits: Option<&Path>,
 ) -> Result<(f64, f64, usize), RunError> {
     use cnnc_compiler::checked::DataSource;
@@ -488,7 +517,7 @@ pub fn eval(
         None => (64, Vec::new(), 0),
     };
     let loader = Loader::new(&splits.test, batch, &augment, seed)?;
-    let mut engine = backend(kind, model, train);
+    let mut engine = backend(engine, model, train);
     let Some(out) = logits else {
         let (loss, acc) = evaluate(engine.as_mut(), &params, &loader, None)?;
         return Ok((loss, acc, splits.test.len()));

@@ -53,11 +53,22 @@ fn positive_spread(v: &serde_json::Value, key: &str) {
     assert!(min > 0.0 && min <= med && med <= max, "{key}: {s}");
 }
 
+/// `--json` of the default (JIT) backend on one thread.
 #[test]
 fn json_has_every_field_with_positive_times() {
     let d = tempfile::tempdir().unwrap();
     let f = write(d.path(), "tiny.cnn", TINY);
-    let out = cnnc(&["bench", &f, "--steps", "2", "--warmup", "1", "--json"]);
+    let out = cnnc(&[
+        "bench",
+        &f,
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert_eq!(stdout.lines().count(), 1, "one JSON object: {stdout}");
@@ -72,8 +83,24 @@ fn json_has_every_field_with_positive_times() {
     } else {
         assert!(v["peak_bytes"].is_u64() || v["peak_bytes"].is_null(), "{v}");
     }
-    assert_eq!(v["backend"], "interp");
+    assert_eq!(v["backend"], "jit");
     assert_eq!(v["threads"], 1);
+    assert!(v["arena_bytes"].as_u64().is_some_and(|b| b > 0), "{v}");
+    let kernels = v["kernels"].as_array().expect("kernels");
+    assert!(kernels.len() >= 10, "a kernel per step of the plan: {v}");
+    assert!(
+        kernels
+            .iter()
+            .any(|k| k["name"].as_str().unwrap_or("").contains("conv2d @c1")),
+        "{v}"
+    );
+    assert!(
+        v["isa"]["used"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cranelift"),
+        "{v}"
+    );
     assert_eq!(v["batch"], 8);
     assert_eq!(v["steps"], 2);
     assert_eq!(v["model"], "Tiny");
@@ -85,7 +112,7 @@ fn json_has_every_field_with_positive_times() {
 }
 
 #[test]
-fn human_block_and_threads_note() {
+fn interpreter_runs_on_one_thread_whatever_is_asked() {
     let d = tempfile::tempdir().unwrap();
     let f = write(d.path(), "tiny.cnn", TINY);
     let out = cnnc(&[
@@ -97,6 +124,8 @@ fn human_block_and_threads_note() {
         "0",
         "--threads",
         "2",
+        "--backend",
+        "interp",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let s = text(&out.stdout);
@@ -108,6 +137,34 @@ fn human_block_and_threads_note() {
         "inference",
         "peak memory",
         "isa",
+        "per-kernel   not measured by the interpreter",
+    ] {
+        assert!(s.contains(want), "missing `{want}` in:\n{s}");
+    }
+}
+
+#[test]
+fn jit_human_block_has_the_kernel_table() {
+    let d = tempfile::tempdir().unwrap();
+    let f = write(d.path(), "tiny.cnn", TINY);
+    let out = cnnc(&[
+        "bench",
+        &f,
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    for want in [
+        "bench `Tiny`: jit backend, 2 threads, batch 8",
+        "arena",
+        "per-kernel",
+        "batchnorm+relu @batchnorm1",
+        "cranelift",
     ] {
         assert!(s.contains(want), "missing `{want}` in:\n{s}");
     }

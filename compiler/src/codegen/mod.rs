@@ -16,7 +16,12 @@
 
 mod builder;
 pub mod conv;
+pub mod depthwise;
 pub mod elementwise;
+pub mod exec;
+pub mod native;
+pub mod plan;
+pub mod gemm;
 pub mod norm;
 pub mod pool;
 
@@ -128,6 +133,7 @@ pub(crate) trait Emit {
 pub enum KernelSpec {
     Elem(elementwise::ElemKernel),
     Conv(conv::ConvKernel),
+    Depthwise(depthwise::DepthwiseKernel),
     Norm(norm::NormKernel),
     Pool(pool::PoolKernel),
 }
@@ -137,6 +143,7 @@ impl KernelSpec {
     pub fn from_node(g: &Graph, node: &Node) -> Option<KernelSpec> {
         elementwise::ElemKernel::from_node(g, node)
             .map(KernelSpec::Elem)
+            .or_else(|| depthwise::DepthwiseKernel::from_node(g, node).map(KernelSpec::Depthwise))
             .or_else(|| conv::ConvKernel::from_node(g, node).map(KernelSpec::Conv))
             .or_else(|| norm::NormKernel::from_node(g, node).map(KernelSpec::Norm))
             .or_else(|| pool::PoolKernel::from_node(g, node).map(KernelSpec::Pool))
@@ -146,6 +153,7 @@ impl KernelSpec {
         match self {
             KernelSpec::Elem(k) => k,
             KernelSpec::Conv(k) => k,
+            KernelSpec::Depthwise(k) => k,
             KernelSpec::Norm(k) => k,
             KernelSpec::Pool(k) => k,
         }

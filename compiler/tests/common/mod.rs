@@ -91,7 +91,8 @@ pub fn check(jit: &mut Jit, op: Op, inputs: &[(Shape, Vec<f32>)], tol: f32, what
         for (i, r) in ranges.iter().enumerate() {
             if spec.par() == Par::Reduce && i > 0 {
                 // Partial sums: run the range into fresh outputs and add them.
-                let mut part: Vec<Vec<f32>> = outs.iter().map(|v| vec![f32::NAN; v.len()]).collect();
+                let mut part: Vec<Vec<f32>> =
+                    outs.iter().map(|v| vec![f32::NAN; v.len()]).collect();
                 let mut o: Vec<&mut [f32]> = part.iter_mut().map(|v| v.as_mut_slice()).collect();
                 jit.run(id, &ins, &mut o, r.clone()).unwrap();
                 for (acc, p) in outs.iter_mut().zip(&part) {
@@ -113,4 +114,3 @@ pub fn check(jit: &mut Jit, op: Op, inputs: &[(Shape, Vec<f32>)], tol: f32, what
         }
     }
 }
-

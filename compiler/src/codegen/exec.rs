@@ -1,0 +1,267 @@
+//! The executable: a planned graph with its kernels compiled into one JIT module,
+//! one arena holding every buffer, and a thread pool. Running it is one pass over
+//! the steps; a step's work range (the batch) is split across the threads, and
+//! the partial sums of reduction kernels are added after the split.
+//!
+//! The buffer-pointer table of every (step, thread) is built once, when the
+//! arena is allocated, so a run does no allocation and no lookups.
+
+use super::plan::{BufRole, Plan, StepKind};
+use super::{Jit, KernelFn, OptLevel, Par};
+use crate::ir::Graph;
+use std::time::{Duration, Instant};
+
+/// The pointers one kernel call receives (inputs, outputs, scratch).
+struct Table(Vec<*mut f32>);
+
+// SAFETY: the pointers address disjoint parts of the executable's arena (or the
+// same read-only inputs); the executable hands each thread its own table and
+// joins every thread before the next step, so no buffer is written by two
+// threads or read while written.
+unsafe impl Send for Table {}
+unsafe impl Sync for Table {}
+
+pub struct Executable {
+    plan: Plan,
+    jit: Jit,
+    /// Per step: the kernel's entry point (`None` for native steps).
+    funcs: Vec<Option<KernelFn>>,
+    /// Per step, per thread.
+    tables: Vec<Vec<Table>>,
+    arena: Vec<f32>,
+    /// Index of the arena's first 64-byte aligned element.
+    base: usize,
+    pool: Option<rayon::ThreadPool>,
+    profile: Option<Vec<Duration>>,
+    compile_time: Duration,
+}
+
+impl Executable {
+    /// Plans `g` for `threads` threads and compiles its kernels.
+    pub fn new(g: &Graph, threads: usize) -> Result<Executable, String> {
+        let t0 = Instant::now();
+        let threads = threads.max(1);
+        let plan = Plan::new(g, threads);
+        let mut jit = Jit::with_opt_level(OptLevel::None)?;
+        let mut funcs = Vec::with_capacity(plan.steps.len());
+        for (i, s) in plan.steps.iter().enumerate() {
+            funcs.push(match &s.kind {
+                StepKind::Jit(spec) => {
+                    let name = format!("k{i}_{}", s.ops.replace('+', "_"));
+                    let id = jit.compile(&name, spec.clone())?;
+                    // SAFETY: the pointer lives as long as `jit`, which the
+                    // executable owns; it is only called with the step's buffers.
+                    Some(unsafe { jit.raw(id) })
+                }
+                StepKind::Native(_) => None,
+            });
+        }
+        let arena = vec![0f32; plan.arena_len + 16];
+        let base = (arena.as_ptr() as usize).wrapping_neg() % 64 / 4;
+        let pool = if threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("cnnc-worker-{i}"))
+                    .build()
+                    .map_err(|e| format!("starting {threads} threads: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let mut exe = Executable {
+            plan,
+            jit,
+            funcs,
+            tables: Vec::new(),
+            arena,
+            base,
+            pool,
+            profile: None,
+            compile_time: Duration::ZERO,
+        };
+        exe.build_tables();
+        exe.compile_time = t0.elapsed();
+        Ok(exe)
+    }
+
+    fn build_tables(&mut self) {
+        let root = self.arena.as_mut_ptr();
+        let ptr = |plan: &Plan, b: usize| -> *mut f32 {
+            // SAFETY: every buffer lies inside the arena (layout guarantees
+            // offset + len <= arena_len).
+            unsafe { root.add(self.base + plan.bufs[b].offset) }
+        };
+        let mut tables = Vec::with_capacity(self.plan.steps.len());
+        for s in &self.plan.steps {
+            let mut per_thread = Vec::new();
+            for t in 0..self.plan.threads {
+                let mut v: Vec<*mut f32> = Vec::with_capacity(s.args.len() + 1);
+                for (j, &b) in s.args.iter().enumerate() {
+                    let b = if j >= s.n_in && t > 0 && !s.partials.is_empty() {
+                        s.partials[t - 1][j - s.n_in]
+                    } else {
+                        b
+                    };
+                    v.push(ptr(&self.plan, b));
+                }
+                if let Some(&b) = s.scratch.get(t) {
+                    v.push(ptr(&self.plan, b));
+                }
+                per_thread.push(Table(v));
+            }
+            tables.push(per_thread);
+        }
+        self.tables = tables;
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn jit(&self) -> &Jit {
+        &self.jit
+    }
+
+    /// Time spent planning and compiling.
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    pub fn threads(&self) -> usize {
+        self.plan.threads
+    }
+
+    /// Whether the graph reads a feed of this name.
+    pub fn has_feed(&self, name: &str) -> bool {
+        self.plan.feeds.iter().any(|(n, _)| n == name)
+    }
+
+    /// Copies `data` into the input, parameter or buffer `name`.
+    pub fn feed(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
+        let b = self
+            .plan
+            .feeds
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| *b)
+            .ok_or_else(|| format!("the graph has no input `{name}`"))?;
+        let buf = &self.plan.bufs[b];
+        if data.len() != buf.len() {
+            return Err(format!(
+                "`{name}` is fed {} numbers, its shape {:?} holds {}",
+                data.len(),
+                buf.shape,
+                buf.len()
+            ));
+        }
+        let at = self.base + buf.offset;
+        self.arena[at..at + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    /// A named graph output after [`Executable::run`] (or any feed).
+    pub fn get(&self, name: &str) -> Option<&[f32]> {
+        let b = self.plan.buf(name)?;
+        let buf = &self.plan.bufs[b];
+        let at = self.base + buf.offset;
+        Some(&self.arena[at..at + buf.len()])
+    }
+
+    /// Starts (or stops) timing every step; times add up over runs.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(|| vec![Duration::ZERO; self.plan.steps.len()]);
+    }
+
+    /// Time per step since profiling started.
+    pub fn profile(&self) -> Option<&[Duration]> {
+        self.profile.as_deref()
+    }
+
+    /// Runs every step once.
+    pub fn run(&mut self) {
+        for si in 0..self.plan.steps.len() {
+            let t0 = self.profile.is_some().then(Instant::now);
+            self.run_step(si);
+            if let (Some(t0), Some(p)) = (t0, self.profile.as_mut()) {
+                p[si] += t0.elapsed();
+            }
+        }
+    }
+
+    fn run_step(&mut self, si: usize) {
+        let step = &self.plan.steps[si];
+        match &step.kind {
+            StepKind::Native(n) => {
+                let base = self.base;
+                let bufs = &self.plan.bufs;
+                let arena = self.arena.as_mut_ptr();
+                let slice = |b: usize| {
+                    let buf = &bufs[b];
+                    // SAFETY: buffers of one step never overlap (their lifetimes
+                    // intersect at this step), and each lies inside the arena.
+                    unsafe {
+                        std::slice::from_raw_parts_mut(arena.add(base + buf.offset), buf.len())
+                    }
+                };
+                let ins: Vec<&[f32]> = step.args[..step.n_in].iter().map(|&b| &*slice(b)).collect();
+                let mut outs: Vec<&mut [f32]> =
+                    step.args[step.n_in..].iter().map(|&b| slice(b)).collect();
+                n.run(&ins, &mut outs);
+            }
+            StepKind::Jit(spec) => {
+                let f = self.funcs[si].expect("jit steps have a kernel");
+                let work = spec.work();
+                let par = spec.par();
+                let tables = &self.tables[si];
+                let threads = if par == Par::Whole {
+                    1
+                } else {
+                    self.plan.threads.min(work)
+                };
+                let chunk = work.div_ceil(threads.max(1));
+                let call = |t: usize| {
+                    let (a, z) = (t * chunk, ((t + 1) * chunk).min(work));
+                    if a < z {
+                        // SAFETY: the table holds the step's buffers (thread t's
+                        // partials and scratch), of the kernel's shapes; a..z is
+                        // inside the work range.
+                        unsafe { f(tables[t].0.as_ptr(), a as i64, z as i64) }
+                    }
+                };
+                match (&self.pool, threads) {
+                    (Some(pool), t) if t > 1 => pool.scope(|s| {
+                        for t in 1..threads {
+                            s.spawn(move |_| call(t));
+                        }
+                        call(0);
+                    }),
+                    _ => call(0),
+                }
+                if par == Par::Reduce && threads > 1 {
+                    self.add_partials(si, threads, chunk, work);
+                }
+            }
+        }
+    }
+
+    /// Adds the partial outputs of threads 1.. to thread 0's.
+    fn add_partials(&mut self, si: usize, threads: usize, chunk: usize, work: usize) {
+        let step = &self.plan.steps[si];
+        let arena = self.arena.as_mut_ptr();
+        for (j, &out) in step.args[step.n_in..].iter().enumerate() {
+            let dst = self.base + self.plan.bufs[out].offset;
+            let len = self.plan.bufs[out].len();
+            for t in (1..threads).take_while(|t| t * chunk < work) {
+                let part = step.partials[t - 1][j];
+                debug_assert_eq!(self.plan.bufs[part].role, BufRole::Private);
+                let src = self.base + self.plan.bufs[part].offset;
+                for i in 0..len {
+                    // SAFETY: both buffers lie inside the arena and are live at
+                    // this step, so they do not overlap.
+                    unsafe { *arena.add(dst + i) += *arena.add(src + i) };
+                }
+            }
+        }
+    }
+}
