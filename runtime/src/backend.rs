@@ -213,7 +213,8 @@ impl Jit {
 }
 
 /// Copies the images, labels, seed and every parameter and buffer the executable
-/// reads into its arena.
+/// reads into its arena; a graph input nobody can feed is an error (never a
+/// silent zero).
 fn feed_executable(
     exe: &mut Executable,
     params: &Params,
@@ -221,24 +222,22 @@ fn feed_executable(
     labels: &[u32],
     seed: u32,
 ) -> Result<(), String> {
-    if exe.has_feed("x") {
-        exe.feed("x", x)?;
-    }
-    if exe.has_feed("labels") {
-        let l: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
-        exe.feed("labels", &l)?;
-    }
-    if exe.has_feed("seed") {
-        exe.feed("seed", &[seed as f32])?;
-    }
-    for i in 0..params.len() {
-        let spec = params.spec(i);
-        if exe.has_feed(&spec.name) {
-            let data = params
-                .get(&spec.name)
-                .and_then(|t| t.as_f32())
-                .ok_or_else(|| format!("no parameter `{}`", spec.name))?;
-            exe.feed(&spec.name, data)?;
+    let names: Vec<String> = exe.plan().feeds.iter().map(|(n, _)| n.clone()).collect();
+    for name in names {
+        match name.as_str() {
+            "x" => exe.feed("x", x)?,
+            "labels" => {
+                let l: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+                exe.feed("labels", &l)?;
+            }
+            "seed" => exe.feed("seed", &[seed as f32])?,
+            _ => {
+                let data = params
+                    .get(&name)
+                    .and_then(|t| t.as_f32())
+                    .ok_or_else(|| format!("no data for graph input `{name}`"))?;
+                exe.feed(&name, data)?;
+            }
         }
     }
     Ok(())
