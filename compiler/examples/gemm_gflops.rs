@@ -1,6 +1,8 @@
 //! Prints the single-core GFLOP/s of `codegen::gemm::sgemm` on the shapes the
-//! convolution and linear kernels call it with (median of several timed runs,
-//! each long enough to be measured reliably). Run in release:
+//! convolution and linear kernels call it with: the median of several timed runs
+//! (each about 2 ms of calls), by wall clock and, on Linux, by the thread's time
+//! on a CPU, which other processes sharing the cores do not inflate. Run in
+//! release:
 //! `cargo run --release -p cnnc-compiler --example gemm_gflops [-- RUNS]`.
 
 use cnnc_compiler::codegen::gemm::{sgemm, sgemm_kernel_name};
@@ -126,25 +128,67 @@ fn main() {
     ];
     println!("kernel: {}", sgemm_kernel_name());
     println!(
-        "{:<26} {:>5} {:>5} {:>5}  {:>9}  {:>8}",
-        "shape", "M", "N", "K", "time", "GFLOP/s"
+        "{:<26} {:>5} {:>5} {:>5}  {:>10}  {:>8}  {:>8}",
+        "shape", "M", "N", "K", "time", "GFLOP/s", "(on-CPU)"
     );
     for s in &shapes {
-        let (secs, gflops) = measure(s, runs);
+        let t = measure(s, runs);
+        let cpu = match t.cpu_gflops {
+            Some(g) => format!("{g:.1}"),
+            None => "-".into(),
+        };
         println!(
-            "{:<26} {:>5} {:>5} {:>5}  {:>7.2}µs  {:>8.1}",
+            "{:<26} {:>5} {:>5} {:>5}  {:>8.2}µs  {:>8.1}  {:>8}",
             s.what,
             s.m,
             s.n,
             s.k,
-            secs * 1e6,
-            gflops
+            t.secs * 1e6,
+            t.gflops,
+            cpu
         );
     }
 }
 
-/// The median time of one call and its GFLOP/s.
-fn measure(s: &Shape, runs: usize) -> (f64, f64) {
+/// One shape's result: the median wall time of a call and its GFLOP/s, and the
+/// median GFLOP/s by on-CPU time when the platform reports it.
+struct Timing {
+    secs: f64,
+    gflops: f64,
+    cpu_gflops: Option<f64>,
+}
+
+/// This thread's time on a CPU so far, in seconds: `clock_gettime` with
+/// `CLOCK_THREAD_CPUTIME_ID` (64-bit Linux only; the C library std links).
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+fn cpu_seconds() -> Option<f64> {
+    use std::ffi::{c_int, c_long};
+    #[repr(C)]
+    struct Timespec {
+        sec: c_long,
+        nsec: c_long,
+    }
+    extern "C" {
+        fn clock_gettime(clock: c_int, ts: *mut Timespec) -> c_int;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: c_int = 3;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: a valid clock id and a pointer to a live timespec.
+    let ok = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0;
+    ok.then_some(ts.sec as f64 + ts.nsec as f64 * 1e-9)
+}
+
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+fn cpu_seconds() -> Option<f64> {
+    None
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn measure(s: &Shape, runs: usize) -> Timing {
     let (m, n, k) = (s.m, s.n, s.k);
     let a: Vec<f32> = (0..m * k)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
@@ -183,16 +227,23 @@ fn measure(s: &Shape, runs: usize) -> (f64, f64) {
     for _ in 0..reps {
         call();
     }
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..reps {
-                call();
-            }
-            t.elapsed().as_secs_f64() / reps as f64
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    (median, flops / median / 1e9)
+    let mut wall = Vec::with_capacity(runs);
+    let mut cpu = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let c0 = cpu_seconds();
+        let t = Instant::now();
+        for _ in 0..reps {
+            call();
+        }
+        wall.push(t.elapsed().as_secs_f64() / reps as f64);
+        if let (Some(c0), Some(c1)) = (c0, cpu_seconds()) {
+            cpu.push((c1 - c0) / reps as f64);
+        }
+    }
+    let secs = median(wall);
+    Timing {
+        secs,
+        gflops: flops / secs / 1e9,
+        cpu_gflops: (cpu.len() == runs).then(|| flops / median(cpu) / 1e9),
+    }
 }

@@ -166,7 +166,8 @@ fn check(kernel: Microkernel, case: Case, seed: u64) {
             let err = (got as f64 - want).abs();
             assert!(
                 err <= 1e-5 * bound + 1e-30,
-                "{kernel:?} {case:?}: C({i}, {j}) = {got}, want {want} (error {err:e}, bound {bound})"
+                "{kernel:?} {case:?}: C({i}, {j}) = {got}, want {want} \
+                 (error {err:e}, bound {bound})"
             );
         }
     }

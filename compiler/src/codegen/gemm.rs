@@ -7,14 +7,14 @@
 //! # Blocking (Goto/BLIS loop nest)
 //!
 //! ```text
-//! for jc in 0..n step NC            B block: KC×NC, packed once per (jc, pc)
+//! for jc in 0..n step NC
 //!   for pc in 0..k step KC
 //!     pack B[pc.., jc..] into NR-wide panels (kc×NR each, row p contiguous)
-//!     for ic in 0..m step MC        A block: MC×KC, packed once per (ic, pc)
+//!     for ic in 0..m step MC
 //!       pack A[ic.., pc..] into MR-tall panels (kc×MR each, column p contiguous)
 //!       for jr in 0..nc step NR     one B panel stays in L1 …
 //!         for ir in 0..mc step MR   … while the A panels stream from L2
-//!           microkernel: C[MR×NR] (+)= Apanel · Bpanel
+//!           microkernel: C[MR×NR] (+)= A panel · B panel
 //! ```
 //!
 //! Sizes, for a Zen 3 core (32 KiB L1d, 512 KiB L2, 16 ymm registers, two 256-bit
@@ -23,32 +23,56 @@
 //! - **MR×NR = 6×16**: twelve ymm accumulators (more than the 2 pipes × 4 cycles =
 //!   8 FMAs that must be in flight), two B vectors and one A broadcast: 15 of the
 //!   16 registers. Per k step: 12 FMAs, 2 loads, 6 broadcasts, within the 3 loads
-//!   per cycle. 4×24 uses the registers equally well and 8×8 has too few
-//!   accumulators to hide the FMA latency; 6×16 measured best here.
+//!   per cycle. 4×24 needs all 16 registers; LLVM then spills an accumulator every
+//!   step (measured: 43 GFLOP/s on 512³ against 92). 8×8 has only the 8
+//!   accumulators the latency needs, with no slack.
 //! - **KC = 256**: a B panel is 256×16×4 B = 16 KiB, half of L1d; an A panel is
 //!   6 KiB.
-//! - **MC = 144**: an A block is 144×256×4 B = 144 KiB, well inside L2 with room for
-//!   the B panel and C tiles. Our M (16..256) is mostly a single block.
-//! - **NC = 4096**: the packed B block (at most 4 MiB) lives in L3. The layer
-//!   shapes (N ≤ 784) pack B once per KC slice.
+//! - **MC = 144**: an A block is 144×256×4 B = 144 KiB, well inside L2. Our M
+//!   (16..256) is mostly one block. KC 192..512 and MC 72 measured within noise.
+//! - **NC = 4096**: the packed B block (at most 4 MiB) lives in L3; the layer
+//!   shapes (N ≤ 784) are one block.
 //!
-//! Edges: the panels are zero-padded to MR rows and NR (or 8) columns, so the
-//! microkernel always runs a full tile; a partial tile is computed into a local
-//! buffer and only its valid part is written to C. When at most 8 columns remain
-//! (N = 49 leaves 1, N = 10 leaves 10 → 16), the last panel is 8 wide and a 6×8
-//! kernel runs on it, halving the wasted work. Nothing outside the given matrices
-//! is read or written.
+//! # Packing only where it pays
 //!
-//! Dispatch: the AVX2+FMA kernel is chosen once, at the first call, when
-//! `is_x86_feature_detected!` reports both features; otherwise (older x86_64, other
-//! architectures) the same blocking runs a portable kernel in plain Rust (separate
-//! multiply and add, so it never calls a software `fma`), which the compiler
-//! vectorises with the baseline SIMD of the target.
+//! At these sizes a pack is a real cost (it is one pass over the operand per
+//! call, reused by few tiles: N = 49 has 4 column panels), so an operand whose
+//! layout already suits the kernel is read in place and only its partial edge
+//! panel is packed:
+//!
+//! - A, when its rows are contiguous (conv weights: six row streams) or its
+//!   columns are (Wᵀ in grad-input), unless the column stride aliases in L1;
+//! - B, when its rows are contiguous, M ≤ 64 (few reuses of each panel: unpacked
+//!   rows are unaligned) and the row stride does not alias in L1.
+//!
+//! A column-major B (colᵀ in grad-weight) is packed by 8×8 register transposes.
+//!
+//! # Edges
+//!
+//! Packed panels are zero-padded to MR rows and NR (or 8) columns, so the
+//! microkernel always runs a full tile and writes only the valid part of it to C.
+//! When at most 8 columns remain (N = 49 leaves 1), the last panel is 8 wide and
+//! a 6×8 kernel runs on it, with a second set of accumulators for odd k so that
+//! it still has 12 FMAs in flight. Nothing outside the given matrices is read or
+//! written.
+//!
+//! # Dispatch
+//!
+//! The AVX2+FMA kernel is chosen once, at the first call, when
+//! `is_x86_feature_detected!` reports both features; otherwise (older x86_64,
+//! other architectures) the same blocking runs a portable kernel in plain Rust
+//! (separate multiply and add, so it never calls a software `fma`), which the
+//! compiler vectorises with the baseline SIMD of the target. Packing is compiled
+//! inside each kernel's target-feature context.
 //!
 //! Packing buffers are thread-local and grow to the largest call seen, so a call
 //! allocates nothing after warm-up.
 //!
 //! [`dgemm`] (f64) exists for the gradient checks: a plain loop, exact and slow.
+//!
+//! Measured (`examples/gemm_gflops.rs`, one Zen 3 core whose FMA peak is about
+//! 100 GFLOP/s): 512³ at 90, the conv shapes at 66..85, K = 9 at 48, the 64×10×64
+//! linear layer at 39.
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -68,7 +92,7 @@ const NC: usize = 4096;
 /// [`read_b_in_place`]).
 const B_IN_PLACE_MAX_M: usize = 64;
 
-const _: () = assert!(MC % MR == 0 && NC % NR == 0);
+const _: () = assert!(MC.is_multiple_of(MR) && NC.is_multiple_of(NR));
 
 /// C = A·B (`accumulate == 0`) or C += A·B (`accumulate != 0`), in f32.
 ///
@@ -474,20 +498,25 @@ impl Operands {
         }
         let a_len = m.min(MC).next_multiple_of(MR) * k.min(KC);
         let b_len = n.min(NC).next_multiple_of(NR) * k.min(KC);
-        BUFFERS.with(|cell| match cell.try_borrow_mut() {
+        let with_own_buffers = || {
+            let (ap, bp) = PackBuffers::default().get(a_len, b_len);
+            // SAFETY: the buffers hold a_len and b_len floats.
+            unsafe { self.blocked(kernel, ap, bp) }
+        };
+        let done = BUFFERS.try_with(|cell| match cell.try_borrow_mut() {
             Ok(mut bufs) => {
                 let (ap, bp) = bufs.get(a_len, b_len);
                 // SAFETY: the buffers hold a_len and b_len floats.
                 unsafe { self.blocked(kernel, ap, bp) }
             }
-            // Only reachable if a kernel re-entered sgemm on this thread; use
-            // private buffers rather than fail.
-            Err(_) => {
-                let (ap, bp) = PackBuffers::default().get(a_len, b_len);
-                // SAFETY: as above.
-                unsafe { self.blocked(kernel, ap, bp) }
-            }
+            // Only if a kernel re-entered sgemm on this thread.
+            Err(_) => with_own_buffers(),
         });
+        // Only while the thread's locals are being destroyed. Never panic here:
+        // a panic cannot unwind out of an `extern "C"` function.
+        if done.is_err() {
+            with_own_buffers();
+        }
     }
 
     /// The loop nest of the module doc, on the chosen kernel. `ap` and `bp` hold
@@ -525,10 +554,19 @@ fn read_b_in_place(op: &Operands) -> bool {
 
 /// Whether a stride of `stride` floats between the k steps of a panel maps them
 /// to at most 8 of the 64 L1 sets (a multiple of 512 bytes), so that the panel's
-/// lines (up to KC = 256 of them) evict each other. Measured: a 512- or
-/// 1024-float stride costs 10 to 15 % in place, a 784- or 196-float one nothing.
+/// lines (up to KC = 256 of them) evict each other. Measured: in place, a 512- or
+/// 1024-float stride costs 5 to 12 % against packing; a 784- or 196-float one
+/// gains 5 to 13 %.
 fn aliases_in_l1(stride: isize) -> bool {
-    (stride.unsigned_abs() * std::mem::size_of::<f32>()) % 512 == 0
+    (stride.unsigned_abs() * std::mem::size_of::<f32>()).is_multiple_of(512)
+}
+
+/// The depth of the K blocks: as few as KC allows, of equal depth (a multiple of
+/// 8), so that K = 288 runs as 2×144 rather than 256 + 32: a shallow block pays
+/// the whole load and store of C for little work.
+fn depth_step(k: usize) -> usize {
+    let blocks = k.div_ceil(KC).max(1);
+    k.div_ceil(blocks).next_multiple_of(8).min(KC)
 }
 
 /// The loop nest of the module doc, generic over the macro-kernel (which runs one
@@ -544,6 +582,7 @@ unsafe fn loop_nest(
     mut macro_kernel: impl FnMut(&Block),
 ) {
     let Operands { m, n, k, .. } = *op;
+    let kc_step = depth_step(k);
     let a_in_place = read_a_in_place(op);
     let b_in_place = read_b_in_place(op);
     // SAFETY (whole body): every A, B, C offset is inside the caller's matrices,
@@ -551,8 +590,8 @@ unsafe fn loop_nest(
     unsafe {
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
-            for pc in (0..k).step_by(KC) {
-                let kc = KC.min(k - pc);
+            for pc in (0..k).step_by(kc_step) {
+                let kc = kc_step.min(k - pc);
                 let b = Source {
                     ptr: op.b.offset(pc as isize * op.rsb + jc as isize * op.csb),
                     rs: op.rsb,
@@ -812,29 +851,6 @@ unsafe fn pack_b_cols(kc: usize, b: *const f32, csb: isize, panel: *mut f32) {
     }
 }
 
-/// Writes the valid `mr`×`nr` corner of a full tile (`acc`, row stride `acc_ld`)
-/// to C, adding to it when `load`.
-#[inline(always)]
-unsafe fn store_partial(
-    acc: &[f32],
-    acc_ld: usize,
-    c: *mut f32,
-    ldc: isize,
-    mr: usize,
-    nr: usize,
-    load: bool,
-) {
-    for i in 0..mr {
-        // SAFETY: row i < mr of the tile, columns < nr, are inside C.
-        let row = unsafe { c.offset(i as isize * ldc) };
-        for j in 0..nr {
-            let v = acc[i * acc_ld + j];
-            // SAFETY: as above.
-            unsafe { *row.add(j) = if load { *row.add(j) + v } else { v } };
-        }
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! The AVX2+FMA register tiles: 6×16 (two ymm per row) and 6×8 (one).
@@ -1068,9 +1084,7 @@ mod avx2 {
 mod portable {
     //! The plain-Rust register tile, same shapes as the AVX2 one.
 
-    use super::{
-        for_each_tile, loop_nest, pack_b_cols, store_partial, APanel, BPanel, Operands, MR, NR,
-    };
+    use super::{for_each_tile, loop_nest, pack_b_cols, APanel, BPanel, Operands, MR, NR};
 
     /// [`Operands::blocked`] with the portable tiles.
     ///
@@ -1128,5 +1142,28 @@ mod portable {
         }
         // SAFETY: the caller's tile of C is mr×nr.
         unsafe { store_partial(acc.as_flattened(), W, c, ldc, mr, nr, load) }
+    }
+
+    /// Writes the valid `mr`×`nr` corner of a full tile (`acc`, row stride `acc_ld`)
+    /// to C, adding to it when `load`.
+    #[inline(always)]
+    unsafe fn store_partial(
+        acc: &[f32],
+        acc_ld: usize,
+        c: *mut f32,
+        ldc: isize,
+        mr: usize,
+        nr: usize,
+        load: bool,
+    ) {
+        for i in 0..mr {
+            // SAFETY: row i < mr of the tile, columns < nr, are inside C.
+            let row = unsafe { c.offset(i as isize * ldc) };
+            for j in 0..nr {
+                let v = acc[i * acc_ld + j];
+                // SAFETY: as above.
+                unsafe { *row.add(j) = if load { *row.add(j) + v } else { v } };
+            }
+        }
     }
 }
