@@ -162,7 +162,19 @@ fn common_layers(mut j: Jit) {
     };
     conv_case(&mut j, &mut rng, [1, 3, 4, 5], 5, [1, 1], wide);
 
-    let conv = &j.kernels()[0];
+    // `from_node` gives the im2col + GEMM kernel (its FMAs are in the GEMM); the
+    // direct kernel's own code is checked for vector FMAs.
+    assert!(
+        j.kernels()[0].clif.contains("call_indirect"),
+        "conv calls sgemm"
+    );
+    let direct = ConvKernel::Direct {
+        x: vec![2, 16, 14, 14],
+        w: vec![32, 16, 3, 3],
+        attrs: same3,
+    };
+    let id = j.compile("direct", KernelSpec::Conv(direct)).unwrap();
+    let conv = j.kernel(id);
     assert!(conv.clif.contains("fma"), "the conv kernel uses fma");
     assert!(conv.clif.contains("f32x4"), "the conv kernel is vectorised");
     if j.isa().native_fma {
@@ -191,7 +203,10 @@ fn clif_dump_lists_every_kernel() {
 fn bad_calls_are_refused() {
     let mut j = jit();
     let id = j
-        .compile("relu", KernelSpec::Elem(ElemKernel::Relu { shape: vec![2, 4] }))
+        .compile(
+            "relu",
+            KernelSpec::Elem(ElemKernel::Relu { shape: vec![2, 4] }),
+        )
         .unwrap();
     let x = vec![1.0f32; 8];
     let mut y = vec![0.0f32; 7];
@@ -236,8 +251,11 @@ fn dropping_the_jit_frees_its_code() {
     let round = || {
         let mut j = Jit::new().unwrap();
         j.compile("conv", spec.clone()).unwrap();
-        j.compile("relu", KernelSpec::Elem(ElemKernel::Relu { shape: vec![1, 9] }))
-            .unwrap();
+        j.compile(
+            "relu",
+            KernelSpec::Elem(ElemKernel::Relu { shape: vec![1, 9] }),
+        )
+        .unwrap();
     };
     for _ in 0..20 {
         round();

@@ -189,6 +189,15 @@ pub(crate) fn backend(
     }
 }
 
+/// What the JIT has to say about this CPU (no native FMA, …), checked once at
+/// start-up; empty on a good host.
+pub fn jit_warnings() -> Vec<String> {
+    match cnnc_compiler::codegen::Jit::new() {
+        Ok(j) => j.warnings().to_vec(),
+        Err(e) => vec![format!("the JIT cannot start: {e}")],
+    }
+}
+
 pub(crate) fn backend_error(message: String) -> RunError {
     RunError::Backend { message }
 }
@@ -297,6 +306,11 @@ pub fn run(
         },
         out.display()
     );
+    if opts.engine.kind == BackendKind::Jit {
+        for w in jit_warnings() {
+            eprintln!("warning: {w}");
+        }
+    }
     let mut step: u64 = 0;
     let mut clip_stats = ClipStats::default();
     let mut last = (0.0, 0.0);

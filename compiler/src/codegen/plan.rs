@@ -13,6 +13,8 @@
 //! 4. `reshape` and `stop_gradient` are aliases: no step, the same buffer.
 //!
 //! Groups formed (anchor ← absorbed):
+//! - `conv2d ← bias_add ← relu` (and `conv2d ← relu`): the epilogue of the
+//!   im2col + GEMM conv kernel, applied while each image's output is in cache;
 //! - `batchnorm ← relu` (train: sum, squared deviations, statistics, apply+relu;
 //!   inference: apply+relu);
 //! - `batchnorm_grad ← relu_grad` (gradient sums and apply, masked by the relu
@@ -28,11 +30,12 @@
 //! placed first-fit, largest first, at 64-byte aligned offsets, so two buffers
 //! share memory only when their lifetimes are disjoint.
 
+use super::conv::{self, ConvKernel};
 use super::elementwise::ElemKernel;
 use super::native::Native;
 use super::norm::NormKernel;
 use super::{KernelSpec, Par};
-use crate::ir::{Act, Graph, Op, Role, Shape, Vid};
+use crate::ir::{Act, ConvAttrs, Graph, Op, Role, Shape, Vid};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
@@ -438,7 +441,25 @@ impl<'g> Planner<'g> {
     fn find_groups(&mut self) {
         let g = self.g;
         for (ni, node) in g.nodes.iter().enumerate() {
+            if self.absorbed.contains_key(&ni) {
+                continue;
+            }
             match &node.op {
+                Op::Conv2d(a) if self.gemm_conv(ni, a) => {
+                    // conv2d ← bias_add ← relu, conv2d ← relu
+                    let mut out = node.outputs[0];
+                    if let Some(u) = self.sole_use(out) {
+                        if g.nodes[u].op == Op::BiasAdd && self.alias(self.inputs[u][0]) == out {
+                            self.absorbed.insert(u, ni);
+                            out = g.nodes[u].outputs[0];
+                        }
+                    }
+                    if let Some(u) = self.sole_use(out) {
+                        if g.nodes[u].op == Op::Act(Act::Relu) {
+                            self.absorbed.insert(u, ni);
+                        }
+                    }
+                }
                 Op::BatchNorm { .. } | Op::BatchNormInfer { .. } | Op::BiasAdd => {
                     if let Some(u) = self.sole_use(node.outputs[0]) {
                         if g.nodes[u].op == Op::Act(Act::Relu) {
@@ -458,6 +479,15 @@ impl<'g> Planner<'g> {
                 _ => {}
             }
         }
+    }
+
+    /// Whether conv node `ni` runs as im2col + GEMM (which fuses its epilogue):
+    /// not depthwise, and not a shape where the direct kernel is faster.
+    fn gemm_conv(&self, ni: usize, a: &ConvAttrs) -> bool {
+        let node = &self.g.nodes[ni];
+        let (x, w) = (self.g.shape(node.inputs[0]), self.g.shape(node.inputs[1]));
+        let depthwise = a.groups > 1 && a.groups == x[1];
+        !depthwise && !conv::prefer_direct(x, w, a)
     }
 
     /// The node of `absorbed` whose group anchor is `ni` and whose op is `op`.
@@ -533,6 +563,42 @@ impl<'g> Planner<'g> {
                     vec![x, gamma, beta, mean, var],
                     vec![y],
                 );
+            }
+            Op::Conv2d(a) if self.gemm_conv(ni, a) => {
+                let bias = self.partner(ni, &Op::BiasAdd);
+                let relu = self.partner(ni, &Op::Act(Act::Relu));
+                let mut args = vec![self.buf(ins[0]), self.buf(ins[1])];
+                let mut ops = "conv2d".to_string();
+                let mut last = node.outputs[0];
+                if let Some(b) = bias {
+                    args.push(self.buf(self.inputs[b][1]));
+                    ops.push_str("+bias_add");
+                    last = g.nodes[b].outputs[0];
+                }
+                if let Some(r) = relu {
+                    ops.push_str("+relu");
+                    last = g.nodes[r].outputs[0];
+                }
+                let y = self.buf(last);
+                let kind = StepKind::Jit(KernelSpec::Conv(ConvKernel::Forward {
+                    x: shape(ins[0]),
+                    w: shape(ins[1]),
+                    attrs: *a,
+                    bias: bias.is_some(),
+                    relu: relu.is_some(),
+                }));
+                self.push(&ops, layer, kind, args, vec![y]);
+            }
+            Op::Conv2d(a) if !(a.groups > 1 && a.groups == shape(ins[0])[1]) => {
+                // The direct kernel (faster on this shape); bias and relu separate.
+                let kind = StepKind::Jit(KernelSpec::Conv(ConvKernel::Direct {
+                    x: shape(ins[0]),
+                    w: shape(ins[1]),
+                    attrs: *a,
+                }));
+                let args = vec![self.buf(ins[0]), self.buf(ins[1])];
+                let y = self.buf(node.outputs[0]);
+                self.push("conv2d", layer, kind, args, vec![y]);
             }
             Op::BatchNormInfer { eps } => {
                 let relu = self.partner(ni, &Op::Act(Act::Relu));
