@@ -89,8 +89,8 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cnnc", default=str(ROOT / "target/release/cnnc"), help="the cnnc binary")
-    ap.add_argument("--backend", default="interp", help="cnnc bench --backend")
-    ap.add_argument("--cnnc-steps", default="M1=20,M2=5,M3=5",
+    ap.add_argument("--backend", default="jit", help="cnnc bench --backend")
+    ap.add_argument("--cnnc-steps", default="M1=30,M2=10,M3=10",
                     help="timed steps per cnnc run, per network (the interpreter is slow)")
     ap.add_argument("--cnnc-warmup", type=int, default=1)
     ap.add_argument("--torch-steps", type=int, default=50)

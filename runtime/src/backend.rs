@@ -5,7 +5,7 @@
 
 use crate::params::Params;
 use cnnc_compiler::checked::CheckedModel;
-use cnnc_compiler::codegen::exec::Executable;
+use cnnc_compiler::codegen::exec::{Executable, ThreadPool};
 use cnnc_compiler::interp::{self, Tensor};
 use cnnc_compiler::ir::lower::{eval_graph, train_graph};
 use cnnc_compiler::ir::{Graph, Role, Vid};
@@ -178,6 +178,8 @@ pub struct Jit {
     model: CheckedModel,
     smoothing: f64,
     threads: usize,
+    /// Started with the first executable; shared by all of them.
+    pool: Option<ThreadPool>,
     train: HashMap<usize, Executable>,
     eval: HashMap<usize, Executable>,
 }
@@ -188,16 +190,25 @@ impl Jit {
             model: model.clone(),
             smoothing,
             threads: threads.max(1),
+            pool: None,
             train: HashMap::new(),
             eval: HashMap::new(),
         }
+    }
+
+    fn pool(&mut self) -> Result<ThreadPool, String> {
+        if self.pool.is_none() {
+            self.pool = Some(ThreadPool::new(self.threads)?);
+        }
+        Ok(self.pool.clone().expect("started"))
     }
 
     /// The training executable for batches of `n`, compiled on first use.
     pub fn train_executable(&mut self, n: usize) -> Result<&mut Executable, String> {
         if !self.train.contains_key(&n) {
             let g = train_graph(&self.model, n, self.smoothing);
-            self.train.insert(n, Executable::new(&g, self.threads)?);
+            let exe = Executable::with_pool(&g, &self.pool()?)?;
+            self.train.insert(n, exe);
         }
         Ok(self.train.get_mut(&n).expect("inserted"))
     }
@@ -206,7 +217,8 @@ impl Jit {
     pub fn eval_executable(&mut self, n: usize) -> Result<&mut Executable, String> {
         if !self.eval.contains_key(&n) {
             let g = eval_graph(&self.model, n);
-            self.eval.insert(n, Executable::new(&g, self.threads)?);
+            let exe = Executable::with_pool(&g, &self.pool()?)?;
+            self.eval.insert(n, exe);
         }
         Ok(self.eval.get_mut(&n).expect("inserted"))
     }

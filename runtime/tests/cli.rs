@@ -149,18 +149,39 @@ fn dump_ast_of_broken_file_prints_diagnostics() {
 }
 
 #[test]
-fn later_stages_are_a_clear_usage_error() {
-    for stage in ["plan", "clif"] {
-        let out = cnnc(&["dump", &format!("--stage={stage}"), "x.cnn"]);
-        assert_eq!(out.status.code(), Some(2));
-        let err = text(&out.stderr);
-        assert!(
-            err.contains(&format!(
-                "stage `{stage}` is built by a later version of cnnc"
-            )),
-            "{err}"
-        );
+fn dump_plan_and_clif_show_the_fused_kernels() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bench/m1.cnn");
+    let file = path.to_string_lossy();
+    let out = cnnc(&["dump", "--stage=plan", "--threads", "2", &file]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let plan = text(&out.stdout);
+    assert!(plan.starts_with("plan train: "), "{plan}");
+    assert!(plan.contains("2 threads"), "{plan}");
+    for want in [
+        "batchnorm+relu",
+        "relu_grad+batchnorm_grad",
+        "conv2d_grad_weight",
+        "jit reduce",
+        "native gemm",
+    ] {
+        assert!(plan.contains(want), "missing `{want}`:\n{plan}");
     }
+    let out = cnnc(&["dump", "--stage=clif", "--threads", "1", &file]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let clif = text(&out.stdout);
+    assert!(
+        clif.contains("; kernel k0_conv2d"),
+        "{}",
+        &clif[..clif.len().min(400)]
+    );
+    assert!(
+        clif.contains("call_indirect"),
+        "the conv kernel calls sgemm"
+    );
+    // A broken file: its diagnostics, exit 1.
+    let bad = temp_file("dumpplan", "bad.cnn", BROKEN);
+    let out = cnnc(&["dump", "--stage=plan", &bad.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(1));
 }
 
 #[test]

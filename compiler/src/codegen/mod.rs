@@ -19,10 +19,10 @@ pub mod conv;
 pub mod depthwise;
 pub mod elementwise;
 pub mod exec;
-pub mod native;
-pub mod plan;
 pub mod gemm;
+pub mod native;
 pub mod norm;
+pub mod plan;
 pub mod pool;
 
 use crate::ir::{Graph, Node, Shape};
@@ -466,4 +466,3 @@ impl Drop for Jit {
         }
     }
 }
-
