@@ -91,7 +91,7 @@ def main():
     ap.add_argument("--cnnc", default=str(ROOT / "target/release/cnnc"), help="the cnnc binary")
     ap.add_argument("--backend", default="jit", help="cnnc bench --backend")
     ap.add_argument("--cnnc-steps", default="M1=30,M2=10,M3=10",
-                    help="timed steps per cnnc run, per network (the interpreter is slow)")
+                    help="timed steps per cnnc run, per network")
     ap.add_argument("--cnnc-warmup", type=int, default=1)
     ap.add_argument("--torch-steps", type=int, default=50)
     ap.add_argument("--torch-warmup", type=int, default=10)
@@ -164,8 +164,8 @@ def main():
             tag = f"{t}" if e["cnnc_threads"] == t else f"{t} (cnnc: {e['cnnc_threads']})"
             gf = lambda ms: e["flops"] / (ms / 1e3) / 1e9
             print(f"| {m} | {tag} | {c:.1f} [{min(e['cnnc']):.1f}-{max(e['cnnc']):.1f}] "
-                  f"| {p:.1f} [{min(e['torch']):.1f}-{max(e['torch']):.1f}] | {c / p:.1f} "
-                  f"| {min(e['cnnc']) / min(e['torch']):.1f} "
+                  f"| {p:.1f} [{min(e['torch']):.1f}-{max(e['torch']):.1f}] | {c / p:.2f} "
+                  f"| {min(e['cnnc']) / min(e['torch']):.2f} "
                   f"| {gf(c):.1f} | {gf(p):.1f} |")
     if raw:
         raw.close()
