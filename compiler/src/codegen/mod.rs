@@ -22,6 +22,7 @@ pub mod exec;
 pub mod gemm;
 pub mod native;
 pub mod norm;
+pub mod optim;
 pub mod plan;
 pub mod pool;
 
@@ -136,6 +137,7 @@ pub enum KernelSpec {
     Depthwise(depthwise::DepthwiseKernel),
     Norm(norm::NormKernel),
     Pool(pool::PoolKernel),
+    Optim(optim::OptimKernel),
 }
 
 impl KernelSpec {
@@ -156,6 +158,7 @@ impl KernelSpec {
             KernelSpec::Depthwise(k) => k,
             KernelSpec::Norm(k) => k,
             KernelSpec::Pool(k) => k,
+            KernelSpec::Optim(k) => k,
         }
     }
 
