@@ -18,6 +18,11 @@ pub enum Native {
         ta: bool,
         tb: bool,
     },
+    /// Softmax cross-entropy and its gradient in one pass over the logits:
+    /// `(logits[n,k], labels[n]) → (loss[], dlogits[n,k])`, the formulas and
+    /// rounding of `softmax_xent` followed by `softmax_xent_grad` (the
+    /// probabilities never leave the row being processed).
+    SoftmaxXentFused { n: usize, k: usize, smoothing: f64 },
     /// Any op, by the interpreter. Buffers: the op's inputs, then its outputs.
     Reference {
         op: Op,
@@ -38,6 +43,7 @@ impl Native {
     pub fn label(&self) -> String {
         match self {
             Native::MatMul { .. } => format!("native gemm ({})", gemm::sgemm_kernel_name()),
+            Native::SoftmaxXentFused { .. } => "native softmax_xent".to_string(),
             Native::Reference { .. } => "ref interpreter".to_string(),
         }
     }
@@ -46,7 +52,7 @@ impl Native {
     pub fn flops(&self) -> u64 {
         match self {
             Native::MatMul { m, n, k, .. } => 2 * (m * n * k) as u64,
-            Native::Reference { .. } => 0,
+            Native::SoftmaxXentFused { .. } | Native::Reference { .. } => 0,
         }
     }
 
@@ -86,6 +92,9 @@ impl Native {
                     )
                 }
             }
+            Native::SoftmaxXentFused { n, k, smoothing } => {
+                softmax_xent_fused(*n, *k, *smoothing, ins[0], ins[1], outs)
+            }
             Native::Reference {
                 op,
                 ins: shapes,
@@ -107,4 +116,42 @@ impl Native {
             }
         }
     }
+}
+
+/// The label-smoothed target of class `j` (the interpreter's `target`).
+fn target(is_label: bool, smoothing: f64, k: usize) -> f32 {
+    ((if is_label { 1.0 - smoothing } else { 0.0 }) + smoothing / k as f64) as f32
+}
+
+/// See [`Native::SoftmaxXentFused`]; the same f32 operations, in the same order,
+/// as the interpreter's two ops, so the results are identical.
+fn softmax_xent_fused(
+    n: usize,
+    k: usize,
+    smoothing: f64,
+    logits: &[f32],
+    labels: &[f32],
+    outs: &mut [&mut [f32]],
+) {
+    let mut loss = 0f32;
+    let inv_n = n as f32;
+    for i in 0..n {
+        let row = &logits[i * k..(i + 1) * k];
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let sum = row.iter().fold(0f32, |a, &z| a + (z - max).exp());
+        let lse = max + sum.ln();
+        // The interpreter reads labels with `to_usize`: negative or NaN → 0.
+        let label = if labels[i] >= 0.0 {
+            labels[i] as usize
+        } else {
+            0
+        };
+        for j in 0..k {
+            let t = target(j == label, smoothing, k);
+            loss -= t * (row[j] - lse);
+            let p = (row[j] - lse).exp();
+            outs[1][i * k + j] = (p - t) / inv_n;
+        }
+    }
+    outs[0][0] = loss / inv_n;
 }

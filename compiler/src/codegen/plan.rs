@@ -19,7 +19,9 @@
 //!   inference: apply+relu);
 //! - `batchnorm_grad ← relu_grad` (gradient sums and apply, masked by the relu
 //!   output);
-//! - `bias_add ← relu`.
+//! - `bias_add ← relu`;
+//! - `softmax_xent ← softmax_xent_grad` (native: the probabilities stay in the
+//!   row being processed).
 //!
 //! Every other op is one step: its kernel from `KernelSpec::from_node`, a matrix
 //! product on the GEMM driver, or the interpreter's `eval` ([`Native::Reference`]).
@@ -460,6 +462,20 @@ impl<'g> Planner<'g> {
                         }
                     }
                 }
+                Op::SoftmaxXent { smoothing } => {
+                    if let Some(u) = self.sole_use(node.outputs[1]) {
+                        let grad = &g.nodes[u];
+                        let same = grad.op
+                            == (Op::SoftmaxXentGrad {
+                                smoothing: *smoothing,
+                            })
+                            && self.alias(self.inputs[u][0]) == node.outputs[1]
+                            && self.alias(self.inputs[u][1]) == self.alias(self.inputs[ni][1]);
+                        if same {
+                            self.absorbed.insert(u, ni);
+                        }
+                    }
+                }
                 Op::BatchNorm { .. } | Op::BatchNormInfer { .. } | Op::BiasAdd => {
                     if let Some(u) = self.sole_use(node.outputs[0]) {
                         if g.nodes[u].op == Op::Act(Act::Relu) {
@@ -599,6 +615,37 @@ impl<'g> Planner<'g> {
                 let args = vec![self.buf(ins[0]), self.buf(ins[1])];
                 let y = self.buf(node.outputs[0]);
                 self.push("conv2d", layer, kind, args, vec![y]);
+            }
+            Op::SoftmaxXent { smoothing }
+                if self
+                    .partner(
+                        ni,
+                        &Op::SoftmaxXentGrad {
+                            smoothing: *smoothing,
+                        },
+                    )
+                    .is_some() =>
+            {
+                let grad = self
+                    .partner(
+                        ni,
+                        &Op::SoftmaxXentGrad {
+                            smoothing: *smoothing,
+                        },
+                    )
+                    .expect("checked");
+                let s = shape(ins[0]);
+                let kind = StepKind::Native(Native::SoftmaxXentFused {
+                    n: s[0],
+                    k: s[1],
+                    smoothing: *smoothing,
+                });
+                let args = vec![self.buf(ins[0]), self.buf(ins[1])];
+                let outs = vec![
+                    self.buf(node.outputs[0]),
+                    self.buf(g.nodes[grad].outputs[0]),
+                ];
+                self.push("softmax_xent+softmax_xent_grad", layer, kind, args, outs);
             }
             Op::BatchNormInfer { eps } => {
                 let relu = self.partner(ni, &Op::Act(Act::Relu));
