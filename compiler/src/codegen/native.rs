@@ -39,6 +39,16 @@ impl Native {
         Native::MatMul { m, n, k, ta, tb }
     }
 
+    /// The native step for an op without a generated kernel: Rust code where
+    /// there is some, else the interpreter's `eval`.
+    pub fn for_op(op: &Op, ins: Vec<Shape>, outs: Vec<Shape>) -> Native {
+        Native::Reference {
+            op: op.clone(),
+            ins,
+            outs,
+        }
+    }
+
     /// A short name for plans and profiles.
     pub fn label(&self) -> String {
         match self {

@@ -746,11 +746,11 @@ impl<'g> Planner<'g> {
                 one.inputs = ins.clone();
                 let kind = match KernelSpec::from_node(g, &one) {
                     Some(k) => StepKind::Jit(k),
-                    None => StepKind::Native(Native::Reference {
-                        op: op.clone(),
-                        ins: ins.iter().map(|&v| shape(v)).collect(),
-                        outs: node.outputs.iter().map(|&v| shape(v)).collect(),
-                    }),
+                    None => StepKind::Native(Native::for_op(
+                        op,
+                        ins.iter().map(|&v| shape(v)).collect(),
+                        node.outputs.iter().map(|&v| shape(v)).collect(),
+                    )),
                 };
                 let args: Vec<BufId> = ins.iter().map(|&v| self.buf(v)).collect();
                 let outs: Vec<BufId> = node.outputs.iter().map(|&v| self.buf(v)).collect();
