@@ -1,11 +1,20 @@
 //! Steps that run as Rust code instead of a generated kernel: matrix products
-//! (straight onto the GEMM driver), and every op without a kernel yet, through the
-//! interpreter's own `eval` on copies of its inputs (slow, but exact: the
-//! reference semantics). `cnnc dump --stage=plan` marks them `native` and `ref`.
+//! (straight onto the GEMM driver), the fused softmax cross-entropy, and plain
+//! slice loops for the ops without a kernel (sigmoid, tanh, gelu and their
+//! gradients, groupnorm and its gradient, concat, slice, dropout,
+//! count_correct, one_hot). Anything else runs through the interpreter's own
+//! `eval` on copies of its inputs (slow, but exact: the reference semantics).
+//! `cnnc dump --stage=plan` marks them `native …` and `ref interpreter`.
+//!
+//! The op loops do the interpreter's f32 operations in the interpreter's order,
+//! so their results are bit-identical to `interp::eval`
+//! (`compiler/tests/native_ops.rs`); they allocate nothing. The group-norm sums
+//! keep each sum's sequential order and get their speed from running `LANES`
+//! (8) independent sums side by side instead.
 
 use super::gemm;
 use crate::interp::{self, Tensor};
-use crate::ir::{Op, Shape};
+use crate::ir::{self, Act, Op, Shape};
 use ndarray::{ArrayD, IxDyn};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +32,46 @@ pub enum Native {
     /// rounding of `softmax_xent` followed by `softmax_xent_grad` (the
     /// probabilities never leave the row being processed).
     SoftmaxXentFused { n: usize, k: usize, smoothing: f64 },
+    /// `x → act(x)`, any activation (those with a generated kernel never get
+    /// here). Buffers: x, y.
+    Act { act: Act },
+    /// `(dy, x) → dy·act'(x)`. Buffers: dy, x, dx.
+    ActGrad { act: Act },
+    /// `(x[n,c,hw], gamma[c], beta[c]) → (y, mean[n,groups], var[n,groups])`.
+    GroupNorm {
+        n: usize,
+        c: usize,
+        hw: usize,
+        groups: usize,
+        eps: f64,
+    },
+    /// `(dy, x, gamma, mean, var) → (dx, dgamma[c], dbeta[c])`.
+    GroupNormGrad {
+        n: usize,
+        c: usize,
+        hw: usize,
+        groups: usize,
+        eps: f64,
+    },
+    /// `(a, b, …) → a ‖ b ‖ …` along axis 1; `rows[j]` is the number of
+    /// elements of input `j` per image (its channels times the inner size).
+    Concat { n: usize, rows: Vec<usize> },
+    /// `x[n,c,inner] → x[:, start..start+len, inner]`.
+    Slice {
+        n: usize,
+        c: usize,
+        inner: usize,
+        start: usize,
+        len: usize,
+    },
+    /// `(x, seed[]) → x·mask/(1-p)`, the mask from [`ir::dropout_keep`].
+    Dropout { p: f64, salt: u64 },
+    /// `(dy, seed[]) → dy·mask/(1-p)`, the same mask as [`Native::Dropout`].
+    DropoutGrad { p: f64, salt: u64 },
+    /// `(logits[n,k], labels[n]) → count[]` of rows whose first maximum is the label.
+    CountCorrect { n: usize, k: usize },
+    /// `classes[n] → [n,classes]` one-hot rows (out-of-range classes give a zero row).
+    OneHot { classes: usize },
     /// Any op, by the interpreter. Buffers: the op's inputs, then its outputs.
     Reference {
         op: Op,
@@ -40,8 +89,50 @@ impl Native {
     }
 
     /// The native step for an op without a generated kernel: Rust code where
-    /// there is some, else the interpreter's `eval`.
+    /// there is some, else the interpreter's `eval`. `ins` and `outs` are the
+    /// op's shapes (`Op::infer`'s).
     pub fn for_op(op: &Op, ins: Vec<Shape>, outs: Vec<Shape>) -> Native {
+        let x = ins.first().map_or(&[][..], |s| s.as_slice());
+        match (op, x) {
+            (Op::Act(act), _) => return Native::Act { act: *act },
+            (Op::ActGrad(act), _) => return Native::ActGrad { act: *act },
+            (Op::GroupNorm { groups, eps }, &[n, c, h, w]) => {
+                return Native::GroupNorm {
+                    n,
+                    c,
+                    hw: h * w,
+                    groups: *groups,
+                    eps: *eps,
+                }
+            }
+            (Op::GroupNormGrad { groups, eps }, &[n, c, h, w]) => {
+                return Native::GroupNormGrad {
+                    n,
+                    c,
+                    hw: h * w,
+                    groups: *groups,
+                    eps: *eps,
+                }
+            }
+            (Op::Concat, &[n, ..]) if ins.iter().all(|s| s.len() >= 2) => {
+                let rows = ins.iter().map(|s| s[1..].iter().product()).collect();
+                return Native::Concat { n, rows };
+            }
+            (Op::Slice { start, len }, &[n, c, ref inner @ ..]) => {
+                return Native::Slice {
+                    n,
+                    c,
+                    inner: inner.iter().product(),
+                    start: *start,
+                    len: *len,
+                }
+            }
+            (Op::Dropout { p, salt }, _) => return Native::Dropout { p: *p, salt: *salt },
+            (Op::DropoutGrad { p, salt }, _) => return Native::DropoutGrad { p: *p, salt: *salt },
+            (Op::CountCorrect, &[n, k]) => return Native::CountCorrect { n, k },
+            (Op::OneHot { classes }, _) => return Native::OneHot { classes: *classes },
+            _ => {}
+        }
         Native::Reference {
             op: op.clone(),
             ins,
@@ -54,6 +145,16 @@ impl Native {
         match self {
             Native::MatMul { .. } => format!("native gemm ({})", gemm::sgemm_kernel_name()),
             Native::SoftmaxXentFused { .. } => "native softmax_xent".to_string(),
+            Native::Act { act } => format!("native {}", act_name(act)),
+            Native::ActGrad { act } => format!("native {}_grad", act_name(act)),
+            Native::GroupNorm { .. } => "native groupnorm".to_string(),
+            Native::GroupNormGrad { .. } => "native groupnorm_grad".to_string(),
+            Native::Concat { .. } => "native concat".to_string(),
+            Native::Slice { .. } => "native slice".to_string(),
+            Native::Dropout { .. } => "native dropout".to_string(),
+            Native::DropoutGrad { .. } => "native dropout_grad".to_string(),
+            Native::CountCorrect { .. } => "native count_correct".to_string(),
+            Native::OneHot { .. } => "native one_hot".to_string(),
             Native::Reference { .. } => "ref interpreter".to_string(),
         }
     }
@@ -62,7 +163,7 @@ impl Native {
     pub fn flops(&self) -> u64 {
         match self {
             Native::MatMul { m, n, k, .. } => 2 * (m * n * k) as u64,
-            Native::SoftmaxXentFused { .. } | Native::Reference { .. } => 0,
+            _ => 0,
         }
     }
 
@@ -104,6 +205,89 @@ impl Native {
             }
             Native::SoftmaxXentFused { n, k, smoothing } => {
                 softmax_xent_fused(*n, *k, *smoothing, ins[0], ins[1], outs)
+            }
+            Native::Act { act } => act_forward(act, ins[0], outs[0]),
+            Native::ActGrad { act } => act_backward(act, ins[0], ins[1], outs[0]),
+            Native::GroupNorm {
+                n,
+                c,
+                hw,
+                groups,
+                eps,
+            } => {
+                let g = GroupGeom::new(*n, *c, *hw, *groups, *eps);
+                let [y, mean, var] = outs else {
+                    panic!("groupnorm has 3 outputs")
+                };
+                groupnorm(&g, ins[0], ins[1], ins[2], y, mean, var)
+            }
+            Native::GroupNormGrad {
+                n,
+                c,
+                hw,
+                groups,
+                eps,
+            } => {
+                let g = GroupGeom::new(*n, *c, *hw, *groups, *eps);
+                let [dx, dgamma, dbeta] = outs else {
+                    panic!("groupnorm_grad has 3 outputs")
+                };
+                let ins = GradIns {
+                    dy: ins[0],
+                    x: ins[1],
+                    gamma: ins[2],
+                    mean: ins[3],
+                    var: ins[4],
+                };
+                groupnorm_grad(&g, &ins, dx, dgamma, dbeta)
+            }
+            Native::Concat { n, rows } => {
+                let out = &mut *outs[0];
+                assert_eq!(out.len(), n * rows.iter().sum::<usize>());
+                let mut at = 0;
+                for i in 0..*n {
+                    for (x, &row) in ins.iter().zip(rows) {
+                        out[at..at + row].copy_from_slice(&x[i * row..(i + 1) * row]);
+                        at += row;
+                    }
+                }
+            }
+            Native::Slice {
+                n,
+                c,
+                inner,
+                start,
+                len,
+            } => {
+                let (x, out) = (ins[0], &mut *outs[0]);
+                let row = len * inner;
+                for i in 0..*n {
+                    let base = (i * c + start) * inner;
+                    out[i * row..(i + 1) * row].copy_from_slice(&x[base..base + row]);
+                }
+            }
+            Native::Dropout { p, salt } | Native::DropoutGrad { p, salt } => {
+                dropout(*p, *salt, ins[0], ins[1], outs[0])
+            }
+            Native::CountCorrect { n, k } => {
+                let (logits, labels) = (ins[0], ins[1]);
+                let correct = (0..*n)
+                    .filter(|&i| {
+                        let row = &logits[i * k..(i + 1) * k];
+                        Some(argmax(row)) == to_usize(labels[i])
+                    })
+                    .count();
+                // The interpreter's `T::c(count as f64)`.
+                outs[0][0] = correct as f64 as f32;
+            }
+            Native::OneHot { classes } => {
+                let out = &mut *outs[0];
+                out.fill(0.0);
+                for (i, &c) in ins[0].iter().enumerate() {
+                    if let Some(c) = to_usize(c).filter(|c| c < classes) {
+                        out[i * classes + c] = 1.0;
+                    }
+                }
             }
             Native::Reference {
                 op,
@@ -164,4 +348,371 @@ fn softmax_xent_fused(
         }
     }
     outs[0][0] = loss / inv_n;
+}
+
+/// The activation's name in the text form.
+fn act_name(a: &Act) -> &'static str {
+    match a {
+        Act::Relu => "relu",
+        Act::LeakyRelu(_) => "leaky_relu",
+        Act::Sigmoid => "sigmoid",
+        Act::Tanh => "tanh",
+        Act::Gelu => "gelu",
+    }
+}
+
+/// The interpreter's f32 constants are `T::c(x)`, `x as f32` from an f64.
+const SQRT_2: f32 = std::f64::consts::SQRT_2 as f32;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// The exact (erf) form, with the interpreter's f32 `erf` (libm's `erff`).
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x / SQRT_2))
+}
+
+/// `y = f(x)`; one loop per activation, so each is a straight loop over slices.
+fn map(x: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32) {
+    assert_eq!(x.len(), y.len());
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = f(x);
+    }
+}
+
+/// `dx = dy·f(x)`.
+fn map_grad(dy: &[f32], x: &[f32], dx: &mut [f32], f: impl Fn(f32) -> f32) {
+    assert!(dy.len() == dx.len() && x.len() == dx.len());
+    for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
+        *dx = dy * f(x);
+    }
+}
+
+/// The interpreter's `act`.
+fn act_forward(a: &Act, x: &[f32], y: &mut [f32]) {
+    match *a {
+        Act::Relu => map(x, y, |v| v.max(0.0)),
+        Act::LeakyRelu(s) => {
+            let s = s as f32;
+            map(x, y, |v| if v > 0.0 { v } else { v * s })
+        }
+        Act::Sigmoid => map(x, y, sigmoid),
+        Act::Tanh => map(x, y, f32::tanh),
+        Act::Gelu => map(x, y, gelu),
+    }
+}
+
+/// The interpreter's `act_grad`, times `dy`.
+fn act_backward(a: &Act, dy: &[f32], x: &[f32], dx: &mut [f32]) {
+    match *a {
+        Act::Relu => map_grad(dy, x, dx, |v| if v > 0.0 { 1.0 } else { 0.0 }),
+        Act::LeakyRelu(s) => {
+            let s = s as f32;
+            map_grad(dy, x, dx, |v| if v > 0.0 { 1.0 } else { s })
+        }
+        Act::Sigmoid => map_grad(dy, x, dx, |v| {
+            let s = sigmoid(v);
+            s * (1.0 - s)
+        }),
+        Act::Tanh => map_grad(dy, x, dx, |v| {
+            let t = v.tanh();
+            1.0 - t * t
+        }),
+        // d/dx x·Φ(x) = Φ(x) + x·φ(x)
+        Act::Gelu => {
+            let sqrt_2pi = (2.0 * std::f64::consts::PI).sqrt() as f32;
+            map_grad(dy, x, dx, |v| {
+                let cdf = 0.5 * (1.0 + libm::erff(v / SQRT_2));
+                let pdf = (-v * v / 2.0).exp() / sqrt_2pi;
+                cdf + v * pdf
+            })
+        }
+    }
+}
+
+/// `to_usize` of num-traits, as the interpreter reads labels and classes:
+/// truncation toward zero for values in (-1, 2^64), `None` otherwise (NaN too).
+fn to_usize(v: f32) -> Option<usize> {
+    (v > -1.0 && v < usize::MAX as f32).then_some(v as usize)
+}
+
+/// Index of the first maximum (the interpreter's `argmax`).
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (j, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = j;
+        }
+    }
+    best
+}
+
+/// See [`Native::Dropout`]. The seed is the interpreter's `to_u64` of the seed
+/// tensor's value (0 when it is not in (-1, 2^64)); the element index is the
+/// flat index into `x`.
+fn dropout(p: f64, salt: u64, x: &[f32], seed: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
+    let s = seed.first().copied().unwrap_or(0.0);
+    let seed = if s > -1.0 && s < u64::MAX as f32 {
+        s as u64
+    } else {
+        0
+    };
+    let scale = (1.0 / (1.0 - p)) as f32;
+    for (i, (y, &v)) in y.iter_mut().zip(x).enumerate() {
+        *y = if ir::dropout_keep(seed, salt, i as u64, p) {
+            v * scale
+        } else {
+            0.0
+        };
+    }
+}
+
+/// How many independent sequential sums the group-norm loops run side by side:
+/// each sum keeps the interpreter's order (so the result is bit-identical), the
+/// lanes only hide the latency of the additions.
+const LANES: usize = 8;
+
+/// The layout of a group norm: `n` images of `c` channels of `hw` pixels, in
+/// `groups` groups of `cg` channels; a group of one image is a contiguous
+/// chunk of `per` elements, chunk `ng = image·groups + group`.
+struct GroupGeom {
+    n: usize,
+    c: usize,
+    hw: usize,
+    groups: usize,
+    cg: usize,
+    per: usize,
+    /// `per` as the interpreter's f32 (`T::c(per as f64)`).
+    per_f: f32,
+    eps: f32,
+}
+
+impl GroupGeom {
+    fn new(n: usize, c: usize, hw: usize, groups: usize, eps: f64) -> GroupGeom {
+        let cg = c / groups;
+        GroupGeom {
+            n,
+            c,
+            hw,
+            groups,
+            cg,
+            per: cg * hw,
+            per_f: (cg * hw) as f64 as f32,
+            eps: eps as f32,
+        }
+    }
+
+    fn chunks(&self) -> usize {
+        self.n * self.groups
+    }
+
+    /// The channel of row `cc` of chunk `ng`.
+    fn channel(&self, ng: usize, cc: usize) -> usize {
+        (ng % self.groups) * self.cg + cc
+    }
+
+    /// `1/sqrt(var + eps)`, as the interpreter.
+    fn inv_std(&self, var: f32) -> f32 {
+        1.0 / (var + self.eps).sqrt()
+    }
+
+    /// Calls `f(first, lanes)` for blocks of `LANES` consecutive indices of
+    /// `0..count`, then for the leftovers one by one.
+    fn blocks(count: usize, mut f: impl FnMut(usize, usize)) {
+        let mut at = 0;
+        while at + LANES <= count {
+            f(at, LANES);
+            at += LANES;
+        }
+        while at < count {
+            f(at, 1);
+            at += 1;
+        }
+    }
+}
+
+/// The interpreter's `groupnorm`: per chunk, the sequential sum, its mean, the
+/// sequential sum of squared deviations, the biased variance; then
+/// `y = (x - mean)·inv·γ + β`.
+fn groupnorm(
+    g: &GroupGeom,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    y: &mut [f32],
+    mean: &mut [f32],
+    var: &mut [f32],
+) {
+    let (per, hw) = (g.per, g.hw);
+    assert!(x.len() == g.chunks() * per && y.len() == x.len());
+    assert!(gamma.len() == g.c && beta.len() == g.c);
+    assert!(mean.len() == g.chunks() && var.len() == g.chunks());
+    GroupGeom::blocks(g.chunks(), |ng0, lanes| {
+        let (mean, var) = (&mut mean[ng0..ng0 + lanes], &mut var[ng0..ng0 + lanes]);
+        if lanes == LANES {
+            chunk_stats::<LANES>(g, x, ng0, mean, var)
+        } else {
+            chunk_stats::<1>(g, x, ng0, mean, var)
+        }
+    });
+    for ng in 0..g.chunks() {
+        let (m, inv) = (mean[ng], g.inv_std(var[ng]));
+        for cc in 0..g.cg {
+            let k = g.channel(ng, cc);
+            let (gk, bk) = (gamma[k], beta[k]);
+            let at = ng * per + cc * hw;
+            for (y, &x) in y[at..at + hw].iter_mut().zip(&x[at..at + hw]) {
+                *y = (x - m) * inv * gk + bk;
+            }
+        }
+    }
+}
+
+/// Mean and variance of chunks `ng0..ng0+L`, each summed in order.
+// One index walks `L` chunks side by side: a range loop says it most plainly.
+#[allow(clippy::needless_range_loop)]
+fn chunk_stats<const L: usize>(
+    g: &GroupGeom,
+    x: &[f32],
+    ng0: usize,
+    mean: &mut [f32],
+    var: &mut [f32],
+) {
+    let per = g.per;
+    let rows: [&[f32]; L] = std::array::from_fn(|l| &x[(ng0 + l) * per..(ng0 + l + 1) * per]);
+    let mut s = [0f32; L];
+    for i in 0..per {
+        for l in 0..L {
+            s[l] += rows[l][i];
+        }
+    }
+    let m = s.map(|s| s / g.per_f);
+    let mut q = [0f32; L];
+    for i in 0..per {
+        for l in 0..L {
+            let d = rows[l][i] - m[l];
+            q[l] += d * d;
+        }
+    }
+    mean.copy_from_slice(&m);
+    var.copy_from_slice(&q.map(|q| q / g.per_f));
+}
+
+/// The inputs of [`groupnorm_grad`].
+struct GradIns<'a> {
+    dy: &'a [f32],
+    x: &'a [f32],
+    gamma: &'a [f32],
+    mean: &'a [f32],
+    var: &'a [f32],
+}
+
+/// The interpreter's `groupnorm_grad`: per chunk,
+/// `dx = inv/M · (M·d - Σd - x̂·Σ(d·x̂))` with `d = ȳ·γ[c]`, the sums in order;
+/// `γ̄[c] = Σ ȳ·x̂` and `β̄[c] = Σ ȳ` over the images, then pixels, in order.
+fn groupnorm_grad(
+    g: &GroupGeom,
+    a: &GradIns,
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let (per, c) = (g.per, g.c);
+    let len = g.chunks() * per;
+    assert!(a.dy.len() == len && a.x.len() == len && dx.len() == len);
+    assert!(a.gamma.len() == c && dgamma.len() == c && dbeta.len() == c);
+    assert!(a.mean.len() == g.chunks() && a.var.len() == g.chunks());
+    // Σd and Σ(d·x̂) per chunk, then dx of those chunks.
+    GroupGeom::blocks(g.chunks(), |ng0, lanes| {
+        if lanes == LANES {
+            chunk_grad::<LANES>(g, a, ng0, dx)
+        } else {
+            chunk_grad::<1>(g, a, ng0, dx)
+        }
+    });
+    // γ̄ and β̄ per channel.
+    GroupGeom::blocks(c, |k0, lanes| {
+        let (dgamma, dbeta) = (&mut dgamma[k0..k0 + lanes], &mut dbeta[k0..k0 + lanes]);
+        if lanes == LANES {
+            channel_grad_sums::<LANES>(g, a, k0, dgamma, dbeta)
+        } else {
+            channel_grad_sums::<1>(g, a, k0, dgamma, dbeta)
+        }
+    });
+}
+
+/// `dx` of chunks `ng0..ng0+L`: first `Σd` and `Σ(d·x̂)` of each chunk, summed
+/// in order, then one pass per chunk.
+fn chunk_grad<const L: usize>(g: &GroupGeom, a: &GradIns, ng0: usize, dx: &mut [f32]) {
+    let (hw, per) = (g.hw, g.per);
+    let m: [f32; L] = std::array::from_fn(|l| a.mean[ng0 + l]);
+    let inv: [f32; L] = std::array::from_fn(|l| g.inv_std(a.var[ng0 + l]));
+    let mut sum_d = [0f32; L];
+    let mut sum_dx = [0f32; L];
+    for cc in 0..g.cg {
+        let gk: [f32; L] = std::array::from_fn(|l| a.gamma[g.channel(ng0 + l, cc)]);
+        let at = |l: usize| (ng0 + l) * per + cc * hw;
+        let dy: [&[f32]; L] = std::array::from_fn(|l| &a.dy[at(l)..at(l) + hw]);
+        let x: [&[f32]; L] = std::array::from_fn(|l| &a.x[at(l)..at(l) + hw]);
+        for p in 0..hw {
+            for l in 0..L {
+                let xhat = (x[l][p] - m[l]) * inv[l];
+                let d = dy[l][p] * gk[l];
+                sum_d[l] += d;
+                sum_dx[l] += d * xhat;
+            }
+        }
+    }
+    let big_m = g.per_f;
+    for l in 0..L {
+        let ng = ng0 + l;
+        let (m, inv, sum_d, sum_dx) = (m[l], inv[l], sum_d[l], sum_dx[l]);
+        let scale = inv / big_m;
+        for cc in 0..g.cg {
+            let gk = a.gamma[g.channel(ng, cc)];
+            let at = ng * per + cc * hw;
+            let rows = dx[at..at + hw]
+                .iter_mut()
+                .zip(&a.dy[at..at + hw])
+                .zip(&a.x[at..at + hw]);
+            for ((dx, &dy), &x) in rows {
+                let xhat = (x - m) * inv;
+                let d = dy * gk;
+                *dx = scale * (big_m * d - sum_d - xhat * sum_dx);
+            }
+        }
+    }
+}
+
+/// `γ̄` and `β̄` of channels `k0..k0+L`, each summed over images, then pixels,
+/// in order.
+fn channel_grad_sums<const L: usize>(
+    g: &GroupGeom,
+    a: &GradIns,
+    k0: usize,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let hw = g.hw;
+    let mut dg = [0f32; L];
+    let mut db = [0f32; L];
+    for i in 0..g.n {
+        let ng = |l: usize| i * g.groups + (k0 + l) / g.cg;
+        let m: [f32; L] = std::array::from_fn(|l| a.mean[ng(l)]);
+        let inv: [f32; L] = std::array::from_fn(|l| g.inv_std(a.var[ng(l)]));
+        let at = |l: usize| (i * g.c + k0 + l) * hw;
+        let dy: [&[f32]; L] = std::array::from_fn(|l| &a.dy[at(l)..at(l) + hw]);
+        let x: [&[f32]; L] = std::array::from_fn(|l| &a.x[at(l)..at(l) + hw]);
+        for p in 0..hw {
+            for l in 0..L {
+                let xhat = (x[l][p] - m[l]) * inv[l];
+                dg[l] += dy[l][p] * xhat;
+                db[l] += dy[l][p];
+            }
+        }
+    }
+    dgamma.copy_from_slice(&dg);
+    dbeta.copy_from_slice(&db);
 }
