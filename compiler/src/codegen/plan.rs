@@ -24,7 +24,8 @@
 //!   row being processed).
 //!
 //! Every other op is one step: its kernel from `KernelSpec::from_node`, a matrix
-//! product on the GEMM driver, or the interpreter's `eval` ([`Native::Reference`]).
+//! product on the GEMM driver, or native code from [`Native::for_op`] (which
+//! falls back to the interpreter's `eval` for an op it does not know).
 //!
 //! Memory: inputs, parameters, buffers and graph outputs live for the whole run;
 //! every other buffer (temporaries, reduction partials, per-thread scratch) from
