@@ -168,3 +168,77 @@ model Branches {
 "#;
     both_graphs(&model_of_text(src), 2, "branches");
 }
+
+mod random_models {
+    //! Random valid models (layer sequences with random sizes, strides,
+    //! paddings, groups and activations): the JIT's training graph equals the
+    //! interpreter's, on 1 and 2 threads. Models the checker refuses (a map
+    //! shrunk to nothing) are skipped.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn layer() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (1usize..9, 1usize..4, 1usize..3, 0usize..2, any::<bool>()).prop_map(
+                |(o, k, s, p, b)| format!("conv({o}, kernel={k}, stride={s}, pad={p}, bias={b})")
+            ),
+            1 => (1usize..3, 1usize..3).prop_map(|(g, m)| format!("conv({}, kernel=3, pad=1, groups={g})", 2 * g * m)),
+            1 => Just("depthwise(kernel=3, pad=1)".to_string()),
+            1 => Just("depthwise(kernel=3, stride=2, pad=1, bias=false)".to_string()),
+            2 => Just("batchnorm".to_string()),
+            1 => Just("groupnorm(1)".to_string()),
+            3 => prop::sample::select(vec!["relu", "sigmoid", "tanh", "gelu", "leaky_relu(0.2)"])
+                .prop_map(str::to_string),
+            1 => Just("maxpool(2)".to_string()),
+            1 => Just("maxpool(kernel=3, stride=1, pad=1)".to_string()),
+            1 => Just("avgpool(kernel=2, stride=1)".to_string()),
+            1 => Just("dropout(0.2)".to_string()),
+        ]
+    }
+
+    fn model() -> impl Strategy<Value = String> {
+        (
+            1usize..4,
+            4usize..11,
+            4usize..11,
+            prop::collection::vec(layer(), 1..7),
+        )
+            .prop_map(|(c, h, w, layers)| {
+                let mut s = format!("model R {{\n  input image: [{c}, {h}, {w}]\n");
+                for l in layers {
+                    s.push_str(&format!("  {l}\n"));
+                }
+                s.push_str("  global_avg_pool\n  linear(3)\n}\n");
+                s
+            })
+    }
+
+    /// 200 generated models; those that check (at least 100, so the generator
+    /// stays useful) run on both backends.
+    #[test]
+    fn random_models_match_the_interpreter() {
+        use proptest::strategy::ValueTree;
+        use proptest::test_runner::{Config, TestRng, TestRunner};
+        let mut runner = TestRunner::new_with_rng(
+            Config::default(),
+            TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha),
+        );
+        let strategy = (model(), 1usize..4);
+        let mut ran = 0;
+        for _ in 0..200 {
+            let (src, batch) = strategy.new_tree(&mut runner).unwrap().current();
+            let fe = check_text("random.cnn", &src);
+            if fe.has_errors() {
+                continue;
+            }
+            let m = fe.files[0].checked.as_ref().unwrap().model.clone().unwrap();
+            for threads in [1, 2] {
+                compare(&train_graph(&m, batch, 0.0), threads, 5, &src);
+            }
+            ran += 1;
+        }
+        eprintln!("{ran} of 200 random models checked and compared");
+        assert!(ran >= 100, "only {ran} of 200 random models checked");
+    }
+}
