@@ -170,50 +170,119 @@ impl Optimizer {
             self.state.len(),
             "optimizer built for other specs"
         );
-        let first = self.steps == 0;
-        self.steps += 1;
-        let lr = f64::from(lr);
+        let scalars = self.begin_step(lr);
         for (k, g) in grads.iter().enumerate() {
             let i = params.trainable()[k];
             let p = params.data_mut(i);
             assert_eq!(p.len(), g.len(), "gradient size of parameter {i}");
-            match self.kind {
-                Kind::Sgd {
-                    momentum,
-                    nesterov,
-                    weight_decay,
-                } => sgd(
+            match (self.kind, scalars) {
+                (
+                    Kind::Sgd {
+                        momentum,
+                        nesterov,
+                        weight_decay,
+                    },
+                    StepScalars::Sgd { neg_lr, first },
+                ) => sgd(
                     p,
                     g,
                     self.state[k].first_mut(),
                     first,
-                    lr,
+                    neg_lr,
                     momentum,
                     nesterov,
                     weight_decay,
                 ),
-                Kind::Adam {
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    decoupled,
-                } => {
+                (
+                    Kind::Adam {
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay,
+                        decoupled,
+                    },
+                    StepScalars::Adam(s),
+                ) => {
                     let (m, v) = self.state[k].split_at_mut(1);
                     adam(
                         p,
                         g,
                         &mut m[0],
                         &mut v[0],
-                        self.steps,
-                        lr,
+                        s,
                         [beta1, beta2],
                         eps,
                         weight_decay,
                         decoupled,
                     )
                 }
+                _ => unreachable!("begin_step gives the scalars of the optimizer's kind"),
             }
+        }
+    }
+
+    /// Starts one update: counts the step and returns its scalar factors, as
+    /// [`Optimizer::step`] does before updating the tensors. For backends that
+    /// update the parameters themselves (fused kernels): they call this once per
+    /// step, then update every trainable parameter `k` and its state
+    /// ([`Optimizer::state_tensors_mut`]) with these scalars.
+    pub fn begin_step(&mut self, lr: f32) -> StepScalars {
+        let first = self.steps == 0;
+        self.steps += 1;
+        let lr = f64::from(lr);
+        match self.kind {
+            Kind::Sgd { .. } => StepScalars::Sgd {
+                neg_lr: -lr as f32,
+                first,
+            },
+            Kind::Adam {
+                beta1,
+                beta2,
+                weight_decay,
+                ..
+            } => StepScalars::Adam(AdamStep::new(self.steps, lr, [beta1, beta2], weight_decay)),
+        }
+    }
+
+    /// Every state tensor of trainable parameter `k`, in the order of
+    /// [`Optimizer::state_names`].
+    pub fn state_tensors_mut(&mut self, k: usize) -> impl Iterator<Item = &mut [f32]> {
+        self.state[k].iter_mut().map(|t| t.as_mut_slice())
+    }
+}
+
+/// The scalar factors of one optimizer step, the same for every tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StepScalars {
+    Sgd {
+        /// `−lr`.
+        neg_lr: f32,
+        /// The first step: the momentum buffer starts as the gradient.
+        first: bool,
+    },
+    Adam(AdamStep),
+}
+
+/// Adam's per-step factors, computed in f64 as Python does and cast to f32.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    /// `1 − lr · weight_decay` (AdamW's decoupled decay).
+    pub decay: f32,
+    /// `−lr / (1 − beta1^t)`.
+    pub neg_step: f32,
+    /// `sqrt(1 − beta2^t)`.
+    pub bc2_sqrt: f32,
+}
+
+impl AdamStep {
+    /// The factors of step `t` (1 on the first step).
+    fn new(t: u64, lr: f64, [beta1, beta2]: [f64; 2], weight_decay: f64) -> AdamStep {
+        let t = t as f64;
+        let step_size = lr / (1.0 - beta1.powf(t));
+        AdamStep {
+            decay: (1.0 - lr * weight_decay) as f32,
+            neg_step: -step_size as f32,
+            bc2_sqrt: (1.0 - beta2.powf(t)).sqrt() as f32,
         }
     }
 }
@@ -242,12 +311,12 @@ fn sgd(
     grad: &[f32],
     buf: Option<&mut Vec<f32>>,
     first: bool,
-    lr: f64,
+    neg_lr: f32,
     momentum: f64,
     nesterov: bool,
     weight_decay: f64,
 ) {
-    let (wd, m, neg_lr) = (weight_decay as f32, momentum as f32, -lr as f32);
+    let (wd, m) = (weight_decay as f32, momentum as f32);
     match buf {
         Some(buf) if momentum != 0.0 => {
             for ((p, &g), b) in p.iter_mut().zip(grad).zip(buf.iter_mut()) {
@@ -284,22 +353,23 @@ fn adam(
     grad: &[f32],
     m: &mut [f32],
     v: &mut [f32],
-    t: u64,
-    lr: f64,
+    s: AdamStep,
     [beta1, beta2]: [f64; 2],
     eps: f64,
     weight_decay: f64,
     decoupled: bool,
 ) {
-    let t = t as f64;
-    // Scalars as Python computes them (f64), cast to f32 where a kernel uses them.
-    let decay = (1.0 - lr * weight_decay) as f32;
+    // Scalars as Python computes them (f64), cast to f32 where a kernel uses them
+    // (the per-step ones in `s`).
+    let AdamStep {
+        decay,
+        neg_step,
+        bc2_sqrt,
+    } = s;
     let w1 = 1.0 - beta1;
     let w1f = w1 as f32;
     let (b2, w2) = (beta2 as f32, (1.0 - beta2) as f32);
-    let step_size = lr / (1.0 - beta1.powf(t));
-    let bc2_sqrt = (1.0 - beta2.powf(t)).sqrt() as f32;
-    let (neg_step, epsf, wd) = (-step_size as f32, eps as f32, weight_decay as f32);
+    let (epsf, wd) = (eps as f32, weight_decay as f32);
     for (((p, &g), m), v) in p.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
         let g = if decoupled {
             if weight_decay != 0.0 {
@@ -411,12 +481,20 @@ pub struct ClipOutcome {
 /// and nothing is scaled (the non-finite policy decides what happens to the step).
 pub fn clip(grads: &mut [Vec<f32>], layer_of: &[usize], policy: &checked::Clip) -> ClipOutcome {
     let sq: Vec<f64> = grads.iter().map(|g| sum_sq(g)).collect();
-    let norm = sq.iter().sum::<f64>().sqrt();
-    let fired = match *policy {
-        checked::Clip::None => false,
-        checked::Clip::Norm(max) => scale_if_above(grads.iter_mut(), norm, max),
-        checked::Clip::Value(v) => {
-            let v = v as f32;
+    let (norm, action) = clip_action(&sq, layer_of, policy);
+    let fired = match action {
+        ClipAction::Keep => false,
+        ClipAction::Scale(scales) => {
+            for (g, s) in grads.iter_mut().zip(scales) {
+                if let Some(s) = s {
+                    for x in g.iter_mut() {
+                        *x *= s;
+                    }
+                }
+            }
+            true
+        }
+        ClipAction::Clamp(v) => {
             let mut fired = false;
             for x in grads.iter_mut().flat_map(|g| g.iter_mut()) {
                 if *x > v {
@@ -429,29 +507,6 @@ pub fn clip(grads: &mut [Vec<f32>], layer_of: &[usize], policy: &checked::Clip) 
             }
             fired
         }
-        checked::Clip::LayerNorm(max) => {
-            assert_eq!(layer_of.len(), grads.len(), "one layer per gradient");
-            let mut layers: Vec<usize> = layer_of.to_vec();
-            layers.sort_unstable();
-            layers.dedup();
-            let mut fired = false;
-            for l in layers {
-                let n = layer_of
-                    .iter()
-                    .zip(&sq)
-                    .filter(|(&x, _)| x == l)
-                    .map(|(_, s)| s)
-                    .sum::<f64>()
-                    .sqrt();
-                let members = grads
-                    .iter_mut()
-                    .zip(layer_of)
-                    .filter(|(_, &x)| x == l)
-                    .map(|(g, _)| g);
-                fired |= scale_if_above(members, n, max);
-            }
-            fired
-        }
     };
     ClipOutcome {
         fired,
@@ -459,21 +514,72 @@ pub fn clip(grads: &mut [Vec<f32>], layer_of: &[usize], policy: &checked::Clip) 
     }
 }
 
+/// What a clip policy does to the gradients of one step (see [`clip`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClipAction {
+    /// Nothing: no policy, or a norm policy that did not fire.
+    Keep,
+    /// A norm policy fired: gradient `k` is multiplied by `scales[k]` where it is
+    /// `Some` (every one for `norm`; the layers above the limit for `layer_norm`,
+    /// at least one). Fired.
+    Scale(Vec<Option<f32>>),
+    /// `value(v)`: every element clamped to `[−v, v]` (`v` in f32). Fired when
+    /// some element is outside (`|x| > v`; NaN never).
+    Clamp(f32),
+}
+
+/// The decision half of [`clip`]: the global L2 norm (f64) and what the policy
+/// does, from each gradient's sum of squares `sq[k]` (f64) and its layer
+/// `layer_of[k]`. Shared with backends that apply the clip inside their update.
+pub fn clip_action(sq: &[f64], layer_of: &[usize], policy: &checked::Clip) -> (f64, ClipAction) {
+    let norm = sq.iter().sum::<f64>().sqrt();
+    let action = match *policy {
+        checked::Clip::None => ClipAction::Keep,
+        checked::Clip::Norm(max) => match scale_if_above(norm, max) {
+            Some(s) => ClipAction::Scale(vec![Some(s); sq.len()]),
+            None => ClipAction::Keep,
+        },
+        checked::Clip::Value(v) => ClipAction::Clamp(v as f32),
+        checked::Clip::LayerNorm(max) => {
+            assert_eq!(layer_of.len(), sq.len(), "one layer per gradient");
+            let mut layers: Vec<usize> = layer_of.to_vec();
+            layers.sort_unstable();
+            layers.dedup();
+            let mut scales = vec![None; sq.len()];
+            for l in layers {
+                let n = layer_of
+                    .iter()
+                    .zip(sq)
+                    .filter(|(&x, _)| x == l)
+                    .map(|(_, s)| s)
+                    .sum::<f64>()
+                    .sqrt();
+                if let Some(s) = scale_if_above(n, max) {
+                    for (slot, _) in scales.iter_mut().zip(layer_of).filter(|(_, &x)| x == l) {
+                        *slot = Some(s);
+                    }
+                }
+            }
+            if scales.iter().any(Option::is_some) {
+                ClipAction::Scale(scales)
+            } else {
+                ClipAction::Keep
+            }
+        }
+    };
+    (norm, action)
+}
+
 fn sum_sq(g: &[f32]) -> f64 {
     g.iter().map(|&x| f64::from(x) * f64::from(x)).sum()
 }
 
-fn scale_if_above<'a>(grads: impl Iterator<Item = &'a mut Vec<f32>>, norm: f64, max: f64) -> bool {
+/// The scale `max / norm` (in f32) when a finite norm exceeds `max`.
+fn scale_if_above(norm: f64, max: f64) -> Option<f32> {
     if !norm.is_finite() || norm <= max {
-        return false;
+        return None;
     }
-    let s = (max / norm) as f32;
-    for g in grads {
-        for x in g.iter_mut() {
-            *x *= s;
-        }
-    }
-    true
+    Some((max / norm) as f32)
 }
 
 /// How often clipping fired, and the gradient norms seen, over an epoch.

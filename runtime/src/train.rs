@@ -9,7 +9,7 @@
 use crate::backend::{Backend, Interpreter, Jit};
 use crate::checkpoint::{self, CheckpointError, TrainPoint};
 use crate::data::{self, Batch, DataError, Dataset, Loader};
-use crate::optim::{clip, ClipOutcome, ClipStats, Optimizer, Schedule};
+use crate::optim::{ClipOutcome, ClipStats, Optimizer, Schedule};
 use crate::params::{Params, ParamsError};
 use cnnc_compiler::checked::{CheckedModel, Clip, Loss, TrainConfig};
 use cnnc_compiler::params::{param_specs, ParamKind};
@@ -143,9 +143,9 @@ pub struct StepReport {
 }
 
 /// One full training step, the single code path of `cnnc run` and `cnnc bench`:
-/// the backend's forward, loss and backward, the clip policy, the optimizer
-/// update at learning rate `lr`, the new batchnorm running statistics and batch
-/// counters.
+/// the backend's forward, loss and backward, its update (the clip policy, then
+/// the optimizer at learning rate `lr`: [`Backend::update`], fused kernels on the
+/// JIT), the new batchnorm running statistics and batch counters.
 pub fn train_step(
     engine: &mut dyn Backend,
     params: &mut Params,
@@ -155,11 +155,12 @@ pub fn train_step(
     seed: u32,
     lr: f32,
 ) -> Result<StepReport, RunError> {
-    let mut s = engine
+    let s = engine
         .train_step(params, &batch.x, &batch.labels, batch.n, seed)
         .map_err(backend_error)?;
-    let clip = clip(&mut s.grads, &plan.layer_of, plan.clip);
-    opt.step(params, &s.grads, lr);
+    let clip = engine
+        .update(params, opt, s.grads, &plan.layer_of, plan.clip, lr)
+        .map_err(backend_error)?;
     for (i, values) in s.updates {
         params.data_mut(i).copy_from_slice(&values);
     }
