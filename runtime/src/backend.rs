@@ -132,6 +132,41 @@ fn feeds(
     Ok(out)
 }
 
+/// A training step's results from a graph's named outputs (`loss`, `correct`,
+/// `grad:<param>`, `update:<buffer>`), wherever the backend keeps them: `get`
+/// copies one out. A parameter without a gradient output gets zeros.
+fn step_out<'a>(
+    params: &Params,
+    names: impl Iterator<Item = &'a str>,
+    get: impl Fn(&str) -> Option<Vec<f32>>,
+) -> Result<StepOut, String> {
+    let grads = params
+        .trainable()
+        .iter()
+        .map(|&i| {
+            let spec = params.spec(i);
+            get(&format!("grad:{}", spec.name))
+                .unwrap_or_else(|| vec![0.0; spec.shape.iter().product()])
+        })
+        .collect();
+    let mut updates = Vec::new();
+    for name in names {
+        if let Some(buffer) = name.strip_prefix("update:") {
+            let i = params
+                .index_of(buffer)
+                .ok_or_else(|| format!("no buffer `{buffer}`"))?;
+            updates.push((i, get(name).unwrap_or_default()));
+        }
+    }
+    let first = |name: &str| get(name).and_then(|v| v.first().copied());
+    Ok(StepOut {
+        loss: first("loss").unwrap_or(f32::NAN),
+        correct: first("correct").unwrap_or(0.0) as usize,
+        grads,
+        updates,
+    })
+}
+
 fn scalar(t: &Tensor<f32>) -> f32 {
     t.iter().next().copied().unwrap_or(f32::NAN)
 }
@@ -150,32 +185,9 @@ impl Backend for Interpreter {
             .entry(n)
             .or_insert_with(|| train_graph(&self.model, n, self.smoothing));
         let vals = interp::run(g, feeds(g, params, x, labels, seed)?)?;
-        let out = |name: &str| vals.output(g, name);
-        let grads = params
-            .trainable()
-            .iter()
-            .map(|&i| {
-                let spec = params.spec(i);
-                match out(&format!("grad:{}", spec.name)) {
-                    Some(t) => t.iter().copied().collect(),
-                    None => vec![0.0; spec.shape.iter().product()],
-                }
-            })
-            .collect();
-        let mut updates = Vec::new();
-        for (name, v) in &g.outputs {
-            if let Some(buffer) = name.strip_prefix("update:") {
-                let i = params
-                    .index_of(buffer)
-                    .ok_or_else(|| format!("no buffer `{buffer}`"))?;
-                updates.push((i, vals.get(*v).iter().copied().collect()));
-            }
-        }
-        Ok(StepOut {
-            loss: out("loss").map_or(f32::NAN, scalar),
-            correct: out("correct").map_or(0.0, scalar) as usize,
-            grads,
-            updates,
+        let names = g.outputs.iter().map(|(n, _)| n.as_str());
+        step_out(params, names, |name| {
+            vals.output(g, name).map(|t| t.iter().copied().collect())
         })
     }
 
@@ -307,32 +319,9 @@ impl Backend for Jit {
         let exe = self.train_executable(n)?;
         feed_executable(exe, params, x, labels, seed)?;
         exe.run();
-        let grads = params
-            .trainable()
-            .iter()
-            .map(|&i| {
-                let spec = params.spec(i);
-                match exe.get(&format!("grad:{}", spec.name)) {
-                    Some(g) => g.to_vec(),
-                    None => vec![0.0; spec.shape.iter().product()],
-                }
-            })
-            .collect();
-        let mut updates = Vec::new();
-        for (name, _) in &exe.plan().outputs {
-            if let Some(buffer) = name.strip_prefix("update:") {
-                let i = params
-                    .index_of(buffer)
-                    .ok_or_else(|| format!("no buffer `{buffer}`"))?;
-                updates.push((i, exe.get(name).unwrap_or_default().to_vec()));
-            }
-        }
-        Ok(StepOut {
-            loss: first(exe, "loss"),
-            correct: first(exe, "correct") as usize,
-            grads,
-            updates,
-        })
+        let exe = &*exe;
+        let names = exe.plan().outputs.iter().map(|(n, _)| n.as_str());
+        step_out(params, names, |name| exe.get(name).map(<[f32]>::to_vec))
     }
 
     fn eval(
