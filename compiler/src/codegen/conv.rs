@@ -130,7 +130,7 @@ impl ConvKernel {
     /// > 1`: `depthwise.rs`).
     pub(crate) fn from_node(g: &Graph, node: &Node) -> Option<ConvKernel> {
         let shape = |i: usize| g.shape(node.inputs[i]).clone();
-        let depthwise = |a: &ConvAttrs, c: usize| a.groups > 1 && a.groups == c;
+        let depthwise = super::depthwise::is_depthwise;
         Some(match &node.op {
             Op::Conv2d(a) if !depthwise(a, shape(0)[1]) => ConvKernel::Forward {
                 x: shape(0),

@@ -119,13 +119,20 @@ pub enum DepthwiseKernel {
     },
 }
 
+/// Whether a convolution with `attrs` over `channels` input channels is
+/// depthwise (one group per input channel, more than one channel): the
+/// convolutions this file computes and `conv.rs` leaves alone.
+pub fn is_depthwise(attrs: &ConvAttrs, channels: usize) -> bool {
+    attrs.groups > 1 && attrs.groups == channels
+}
+
 impl DepthwiseKernel {
     /// The kernel of a `Conv2d`, `Conv2dGradInput` or `Conv2dGradWeight` node
     /// whose groups equal the input channels (and are more than one); every other
     /// node (ordinary and grouped convolutions included) gives `None`.
     pub(crate) fn from_node(g: &Graph, node: &Node) -> Option<DepthwiseKernel> {
         let shape = |i: usize| g.shape(node.inputs[i]).clone();
-        let depthwise = |a: &ConvAttrs, c: usize| a.groups > 1 && a.groups == c;
+        let depthwise = is_depthwise;
         Some(match &node.op {
             Op::Conv2d(a) if depthwise(a, shape(0)[1]) => DepthwiseKernel::Forward {
                 x: shape(0),

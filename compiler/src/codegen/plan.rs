@@ -34,6 +34,7 @@
 //! share memory only when their lifetimes are disjoint.
 
 use super::conv::{self, ConvKernel};
+use super::depthwise::is_depthwise;
 use super::elementwise::ElemKernel;
 use super::native::Native;
 use super::norm::NormKernel;
@@ -503,8 +504,7 @@ impl<'g> Planner<'g> {
     fn gemm_conv(&self, ni: usize, a: &ConvAttrs) -> bool {
         let node = &self.g.nodes[ni];
         let (x, w) = (self.g.shape(node.inputs[0]), self.g.shape(node.inputs[1]));
-        let depthwise = a.groups > 1 && a.groups == x[1];
-        !depthwise && !conv::prefer_direct(x, w, a)
+        !is_depthwise(a, x[1]) && !conv::prefer_direct(x, w, a)
     }
 
     /// The node of `absorbed` whose group anchor is `ni` and whose op is `op`.
@@ -606,7 +606,7 @@ impl<'g> Planner<'g> {
                 }));
                 self.push(&ops, layer, kind, args, vec![y]);
             }
-            Op::Conv2d(a) if !(a.groups > 1 && a.groups == shape(ins[0])[1]) => {
+            Op::Conv2d(a) if !is_depthwise(a, shape(ins[0])[1]) => {
                 // The direct kernel (faster on this shape); bias and relu separate.
                 let kind = StepKind::Jit(KernelSpec::Conv(ConvKernel::Direct {
                     x: shape(ins[0]),
