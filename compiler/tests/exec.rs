@@ -123,6 +123,42 @@ fn example_models_match_the_interpreter() {
     }
 }
 
+/// Reductions over the batch use fixed chunks, so every output is identical,
+/// bit for bit, whatever the number of threads.
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    for (file, batch) in [("examples/mnist.cnn", 13), ("examples/depthwise.cnn", 9)] {
+        let g = train_graph(&model_of_file(file), batch, 0.1);
+        let mut rng = Rng(21);
+        let feeds = feeds(&g, &mut rng);
+        let run_on = |threads: usize| {
+            let mut exe = Executable::new(&g, threads).unwrap();
+            for (v, d) in &feeds {
+                let name = &g.values[v.0].name;
+                if exe.has_feed(name) {
+                    exe.feed(name, d).unwrap();
+                }
+            }
+            exe.run();
+            g.outputs
+                .iter()
+                .map(|(n, _)| exe.get(n).unwrap().to_vec())
+                .collect::<Vec<_>>()
+        };
+        let one = run_on(1);
+        for threads in [2, 3, 8] {
+            let other = run_on(threads);
+            for ((name, _), (a, b)) in g.outputs.iter().zip(one.iter().zip(&other)) {
+                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same,
+                    "{file}: {name} differs between 1 and {threads} threads"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn every_op_matches_the_interpreter() {
     let src = r#"

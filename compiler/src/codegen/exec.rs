@@ -1,12 +1,14 @@
 //! The executable: a planned graph with its kernels compiled into one JIT module,
 //! one arena holding every buffer, and a thread pool. Running it is one pass over
-//! the steps; a step's work range (the batch) is split across the threads, and
-//! the partial sums of reduction kernels are added after the split.
+//! the steps; a step's work range (the batch) is split across the threads.
+//! Reduction kernels run on fixed chunks of the batch whose partial sums are
+//! added in chunk order afterwards, so the results are the same, bit for bit,
+//! on any number of threads.
 //!
 //! The buffer-pointer table of every (step, thread) is built once, when the
 //! arena is allocated, so a run does no allocation and no lookups.
 
-use super::plan::{BufRole, Plan, StepKind};
+use super::plan::{reduce_chunks, BufRole, Plan, StepKind};
 use super::{Jit, KernelFn, OptLevel, Par};
 use crate::ir::Graph;
 use std::sync::Arc;
@@ -125,24 +127,33 @@ impl Executable {
             unsafe { root.add(self.base + plan.bufs[b].offset) }
         };
         let mut tables = Vec::with_capacity(self.plan.steps.len());
+        let threads = self.plan.threads;
         for s in &self.plan.steps {
-            let mut per_thread = Vec::new();
-            for t in 0..self.plan.threads {
+            // Reductions: one table per chunk (its partials; the scratch of the
+            // thread that runs it, `c % threads`). Other kernels: one per thread.
+            let reduce = matches!(&s.kind, StepKind::Jit(k) if k.par() == Par::Reduce);
+            let count = if reduce {
+                s.partials.len() + 1
+            } else {
+                threads
+            };
+            let mut per = Vec::with_capacity(count);
+            for c in 0..count {
                 let mut v: Vec<*mut f32> = Vec::with_capacity(s.args.len() + 1);
                 for (j, &b) in s.args.iter().enumerate() {
-                    let b = if j >= s.n_in && t > 0 && !s.partials.is_empty() {
-                        s.partials[t - 1][j - s.n_in]
+                    let b = if reduce && j >= s.n_in && c > 0 {
+                        s.partials[c - 1][j - s.n_in]
                     } else {
                         b
                     };
                     v.push(ptr(&self.plan, b));
                 }
-                if let Some(&b) = s.scratch.get(t) {
+                if let Some(&b) = s.scratch.get(c % threads) {
                     v.push(ptr(&self.plan, b));
                 }
-                per_thread.push(Table(v));
+                per.push(Table(v));
             }
-            tables.push(per_thread);
+            tables.push(per);
         }
         self.tables = tables;
     }
@@ -246,22 +257,30 @@ impl Executable {
                 let work = spec.work();
                 let par = spec.par();
                 let tables = &self.tables[si];
-                let threads = if par == Par::Whole {
-                    1
-                } else {
-                    self.plan.threads.min(work)
-                };
-                let chunk = work.div_ceil(threads.max(1));
-                let call = |t: usize| {
-                    let (a, z) = (t * chunk, ((t + 1) * chunk).min(work));
-                    if a < z {
-                        // SAFETY: the table holds the step's buffers (thread t's
-                        // partials and scratch), of the kernel's shapes; a..z is
-                        // inside the work range.
-                        unsafe { f(tables[t].0.as_ptr(), a as i64, z as i64) }
+                // Units of work: chunks of a reduction (fixed, see
+                // `REDUCE_CHUNKS`), else one contiguous range per thread.
+                let (size, units) = match par {
+                    Par::Reduce => reduce_chunks(work),
+                    Par::Whole => (work, 1),
+                    Par::Items => {
+                        let t = self.plan.threads.min(work).max(1);
+                        (work.div_ceil(t), t)
                     }
                 };
-                // The calling thread computes chunk 0 while the pool's workers
+                let threads = self.plan.threads.min(units);
+                // Thread t runs units t, t + threads, …
+                let call = |t: usize| {
+                    for u in (t..units).step_by(threads) {
+                        let (a, z) = (u * size, ((u + 1) * size).min(work));
+                        if a < z {
+                            // SAFETY: the table holds the step's buffers (unit
+                            // u's partials, thread t's scratch), of the kernel's
+                            // shapes; a..z is inside the work range.
+                            unsafe { f(tables[u].0.as_ptr(), a as i64, z as i64) }
+                        }
+                    }
+                };
+                // The calling thread computes its share while the pool's workers
                 // take the others (one hand-off fewer than `scope`: M1 at 2
                 // threads 8.0-8.2 -> 7.7-7.9 ms median, alternating runs).
                 match (&self.pool, threads) {
@@ -273,29 +292,33 @@ impl Executable {
                     }),
                     _ => call(0),
                 }
-                if par == Par::Reduce && threads > 1 {
-                    self.add_partials(si, threads, chunk, work);
+                if par == Par::Reduce && units > 1 {
+                    self.add_partials(si, units, size, work);
                 }
             }
         }
     }
 
-    /// Adds the partial outputs of threads 1.. to thread 0's.
-    fn add_partials(&mut self, si: usize, threads: usize, chunk: usize, work: usize) {
+    /// Adds the partial outputs of chunks 1.. to chunk 0's, in chunk order.
+    fn add_partials(&mut self, si: usize, chunks: usize, size: usize, work: usize) {
         let step = &self.plan.steps[si];
         let arena = self.arena.as_mut_ptr();
         for (j, &out) in step.args[step.n_in..].iter().enumerate() {
             let dst = self.base + self.plan.bufs[out].offset;
             let len = self.plan.bufs[out].len();
-            for t in (1..threads).take_while(|t| t * chunk < work) {
-                let part = step.partials[t - 1][j];
+            for c in (1..chunks).take_while(|c| c * size < work) {
+                let part = step.partials[c - 1][j];
                 debug_assert_eq!(self.plan.bufs[part].role, BufRole::Private);
                 let src = self.base + self.plan.bufs[part].offset;
-                for i in 0..len {
-                    // SAFETY: both buffers lie inside the arena and are live at
-                    // this step, so they do not overlap.
-                    unsafe { *arena.add(dst + i) += *arena.add(src + i) };
-                }
+                // SAFETY: both buffers lie inside the arena and are live at this
+                // step, so they do not overlap.
+                let (d, p) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(arena.add(dst), len),
+                        std::slice::from_raw_parts(arena.add(src), len),
+                    )
+                };
+                d.iter_mut().zip(p).for_each(|(d, p)| *d += p);
             }
         }
     }

@@ -45,6 +45,19 @@ use std::fmt::Write as _;
 
 pub type BufId = usize;
 
+/// A reduction over the batch (`Par::Reduce`) is cut into at most this many
+/// chunks of consecutive items, whatever the number of threads: each chunk
+/// writes its own partial sums, and the partials are added in chunk order. So
+/// the result does not depend on `--threads` (a run is reproducible on any
+/// machine), and up to this many threads share the work.
+pub const REDUCE_CHUNKS: usize = 8;
+
+/// `(items per chunk, chunks)` of a reduction over `work` items.
+pub fn reduce_chunks(work: usize) -> (usize, usize) {
+    let size = work.div_ceil(REDUCE_CHUNKS).max(1);
+    (size, work.div_ceil(size).max(1))
+}
+
 /// What a buffer holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BufRole {
@@ -56,7 +69,7 @@ pub enum BufRole {
     Buffer,
     /// Computed by a step.
     Temp,
-    /// A thread's partial sums of a reduction step, or its scratch.
+    /// A chunk's partial sums of a reduction step, or a thread's scratch.
     Private,
 }
 
@@ -95,8 +108,8 @@ pub struct Step {
     /// Input buffers, then output buffers.
     pub args: Vec<BufId>,
     pub n_in: usize,
-    /// For a `Par::Reduce` kernel: the partial outputs of threads 1.. (thread 0
-    /// writes the real outputs).
+    /// For a `Par::Reduce` kernel: the partial outputs of chunks 1.. (chunk 0
+    /// writes the real outputs; see [`REDUCE_CHUNKS`]).
     pub partials: Vec<Vec<BufId>>,
     /// One scratch buffer per thread, when the kernel needs scratch.
     pub scratch: Vec<BufId>,
@@ -408,12 +421,13 @@ impl<'g> Planner<'g> {
             scratch: Vec::new(),
         };
         if let StepKind::Jit(k) = &step.kind {
-            if k.par() == Par::Reduce && self.threads > 1 {
-                for t in 1..self.threads {
+            if k.par() == Par::Reduce {
+                let (_, chunks) = reduce_chunks(k.work());
+                for c in 1..chunks {
                     let mut mine = Vec::new();
                     for &o in &step.args[n_in..] {
                         let shape = self.bufs[o].shape.clone();
-                        let name = format!("{}.part{t}", self.bufs[o].name);
+                        let name = format!("{}.part{c}", self.bufs[o].name);
                         mine.push(self.new_buf(name, shape, BufRole::Private));
                     }
                     step.partials.push(mine);
