@@ -823,20 +823,26 @@ fn im2col_padding(kb: &mut Kb, g: &ConvGeom, col: Value, channels: usize) {
     );
 }
 
-/// im2col of `channels` input planes `x[c, H, W]` (from `xg`) into
-/// `col[channels·KH·KW, OH·OW]` (at `col`, rows [`ConvGeom::ld`] floats apart):
-/// row `(c, kh, kw)`, column `(oh, ow)` holds `x[c, oh·sh - ph + kh·dh, ow·sw -
-/// pw + kw·dw]`. Only the entries inside the image are written: the padding is
-/// [`im2col_padding`]'s.
-fn im2col(kb: &mut Kb, g: &ConvGeom, xg: Value, col: Value, channels: usize) {
+/// The walk shared by im2col and col2im: for each of `channels` planes, each
+/// tap `(kh, kw)` and each output row, the run of output columns whose input
+/// pixels lie inside the image; `f(kb, ty, at, (x_row, x_base), (col_row,
+/// col_base))` handles one piece of it (an f32x4 or an f32, see [`span`]), with
+/// the pixel at `at.addr(kb, x_row, x_base, stride_w)` and the col entry at
+/// `at.addr(kb, col_row, col_base, 1)`.
+type TapPiece<'f> = dyn FnMut(&mut Kb, Type, At, (Value, i64), (Value, i64)) + 'f;
+
+fn for_each_tap_span(
+    kb: &mut Kb,
+    g: &ConvGeom,
+    xg: Value,
+    col: Value,
+    channels: usize,
+    how: Pieces,
+    f: &mut TapPiece,
+) {
     let (h, w, ld) = (g.h as i64, g.w as i64, g.ld());
     let (sh, sw) = (g.a.stride[0] as i64, g.a.stride[1] as i64);
     let taps = taps(g);
-    let how = if sw == 1 {
-        Pieces::Overlapping
-    } else {
-        Pieces::Scalars
-    };
     kb.for_range(
         Bound::Const(0),
         Bound::Const(channels as i64),
@@ -866,10 +872,7 @@ fn im2col(kb: &mut Kb, g: &ConvGeom, xg: Value, col: Value, channels: usize) {
                         let c_base = row + 4 * ow0 as i64;
                         let x_base = 4 * (dh_off * w + ow0 as i64 * sw + dw_off);
                         span(kb, ow1 - ow0, how, &mut |kb, ty, at| {
-                            let (xp, xo) = at.addr(kb, xr, x_base, sw);
-                            let v = kb.load_in(ty, xp, xo);
-                            let (cp, co) = at.addr(kb, cr, c_base, 1);
-                            kb.store(v, cp, co);
+                            f(kb, ty, at, (xr, x_base), (cr, c_base))
                         });
                         vec![]
                     },
@@ -878,6 +881,26 @@ fn im2col(kb: &mut Kb, g: &ConvGeom, xg: Value, col: Value, channels: usize) {
             vec![]
         },
     );
+}
+
+/// im2col of `channels` input planes `x[c, H, W]` (from `xg`) into
+/// `col[channels·KH·KW, OH·OW]` (at `col`, rows [`ConvGeom::ld`] floats apart):
+/// row `(c, kh, kw)`, column `(oh, ow)` holds `x[c, oh·sh - ph + kh·dh, ow·sw -
+/// pw + kw·dw]`. Only the entries inside the image are written: the padding is
+/// [`im2col_padding`]'s.
+fn im2col(kb: &mut Kb, g: &ConvGeom, xg: Value, col: Value, channels: usize) {
+    let sw = g.a.stride[1] as i64;
+    let how = if sw == 1 {
+        Pieces::Overlapping
+    } else {
+        Pieces::Scalars
+    };
+    for_each_tap_span(kb, g, xg, col, channels, how, &mut |kb, ty, at, x, c| {
+        let (xp, xo) = at.addr(kb, x.0, x.1, sw);
+        let v = kb.load_in(ty, xp, xo);
+        let (cp, co) = at.addr(kb, c.0, c.1, 1);
+        kb.store(v, cp, co);
+    });
 }
 
 /// The runs of input positions `0..input` that receive the same taps from a
@@ -978,56 +1001,21 @@ fn col2im_gather(kb: &mut Kb, g: &ConvGeom, col: Value, xg: Value, channels: usi
 /// the pixel its im2col entry was read from (padding entries are dropped), one
 /// tap at a time (any stride).
 fn col2im(kb: &mut Kb, g: &ConvGeom, col: Value, xg: Value, channels: usize) {
-    let (h, w, ld) = (g.h as i64, g.w as i64, g.ld());
-    let (sh, sw) = (g.a.stride[0] as i64, g.a.stride[1] as i64);
-    let taps = taps(g);
+    let sw = g.a.stride[1] as i64;
     let how = if sw == 1 {
         Pieces::Vectors
     } else {
         Pieces::Scalars
     };
     zero_span(kb, xg, 0, channels * g.h * g.w);
-    kb.for_range(
-        Bound::Const(0),
-        Bound::Const(channels as i64),
-        1,
-        &[],
-        |kb, ci, _| {
-            let xc = kb.offset(xg, ci, 4 * h * w);
-            let cc = kb.offset(col, ci, 4 * (taps.len() * ld) as i64);
-            for (r, t) in taps.iter().enumerate() {
-                if t.is_empty() {
-                    continue;
-                }
-                let row = 4 * (r * ld) as i64;
-                let ((oh0, oh1), (ow0, ow1)) = (t.oh, t.ow);
-                let dh_off = (t.kh * g.a.dilation[0]) as i64 - g.a.pad[0] as i64;
-                let dw_off = (t.kw * g.a.dilation[1]) as i64 - g.a.pad[1] as i64;
-                kb.for_range(
-                    Bound::Const(oh0 as i64),
-                    Bound::Const(oh1 as i64),
-                    1,
-                    &[],
-                    |kb, oh, _| {
-                        let cr = kb.offset(cc, oh, 4 * g.ow as i64);
-                        let xr = kb.offset(xc, oh, 4 * sh * w);
-                        let c_base = row + 4 * ow0 as i64;
-                        let x_base = 4 * (dh_off * w + ow0 as i64 * sw + dw_off);
-                        span(kb, ow1 - ow0, how, &mut |kb, ty, at| {
-                            let (cp, co) = at.addr(kb, cr, c_base, 1);
-                            let v = kb.load_out(ty, cp, co);
-                            let (xp, xo) = at.addr(kb, xr, x_base, sw);
-                            let old = kb.load_out(ty, xp, xo);
-                            let sum = kb.b.ins().fadd(old, v);
-                            kb.store(sum, xp, xo);
-                        });
-                        vec![]
-                    },
-                );
-            }
-            vec![]
-        },
-    );
+    for_each_tap_span(kb, g, xg, col, channels, how, &mut |kb, ty, at, x, c| {
+        let (cp, co) = at.addr(kb, c.0, c.1, 1);
+        let v = kb.load_out(ty, cp, co);
+        let (xp, xo) = at.addr(kb, x.0, x.1, sw);
+        let old = kb.load_out(ty, xp, xo);
+        let sum = kb.b.ins().fadd(old, v);
+        kb.store(sum, xp, xo);
+    });
 }
 
 /// An sgemm operand at `ptr`: element `(i, j)` at float offset `i·rs + j·cs`.
