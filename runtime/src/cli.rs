@@ -38,7 +38,8 @@ pub enum Command {
     /// Loss and accuracy of saved weights on a data set.
     Eval(EvalArgs),
     /// Time a model's training step, inference and compilation on synthetic
-    /// batches of its batch size; report peak memory and the CPU features used.
+    /// batches of its batch size; report per-kernel times, memory and the CPU
+    /// features used.
     Bench(BenchArgs),
     /// Show what a compiler stage produced for a file.
     Dump(DumpArgs),
@@ -163,7 +164,8 @@ pub struct BenchArgs {
 
     /// Print one JSON object: `train_step_ms` and `infer_ms` as `{median, min,
     /// max}`, `compile_ms`, `first_step_ms`, `peak_bytes` (null where unknown),
-    /// `backend`, `threads`, `batch`, `steps`, `isa`, images per second.
+    /// `arena_bytes` and `kernels` (per-kernel times; JIT only), `backend`,
+    /// `threads`, `batch`, `steps`, `isa`, images per second.
     #[arg(long)]
     pub json: bool,
 }
