@@ -296,6 +296,8 @@ pub fn run(
 ) -> Result<BenchReport, RunError> {
     let cfg = train.ok_or(RunError::NoTrain)?;
     let n = usize::try_from(cfg.batch).unwrap_or(usize::MAX);
+    let Loss::CrossEntropy { smoothing } = cfg.loss;
+    train::check_jit_limits(opts.engine, n, || train_graph(model, n, smoothing))?;
     let classes = model.shape(model.output()).first().copied().unwrap_or(1);
     let batch = synthetic_batch(&model.input, classes, n, cfg.seed);
     let specs = param_specs(model);

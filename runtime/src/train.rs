@@ -12,6 +12,7 @@ use crate::data::{self, Batch, DataError, Dataset, Loader};
 use crate::optim::{ClipOutcome, ClipStats, Optimizer, Schedule};
 use crate::params::{Params, ParamsError};
 use cnnc_compiler::checked::{CheckedModel, Clip, Loss, TrainConfig};
+use cnnc_compiler::ir::lower::{eval_graph, train_graph};
 use cnnc_compiler::params::{param_specs, ParamKind};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -41,6 +42,11 @@ pub enum RunError {
     NoTrain,
     #[error("bad --data `{0}`: expected mnist:PATH or folder:PATH")]
     DataSpec(String),
+    #[error(
+        "this model is too large for the JIT backend at batch {batch}: {reason}\n\
+         help: use a smaller `batch`, or `--backend interp`"
+    )]
+    TooLargeForJit { batch: usize, reason: String },
     #[error("internal error in the backend: {message}")]
     Backend { message: String },
 }
@@ -190,6 +196,23 @@ pub(crate) fn backend(
     }
 }
 
+/// Refuses, before any data is read, a model the JIT cannot compile at batch
+/// `n` (a tensor of `graph()` past its size limit): a clear error instead of a
+/// failure half-way.
+pub fn check_jit_limits(
+    engine: Engine,
+    n: usize,
+    graph: impl FnOnce() -> cnnc_compiler::ir::Graph,
+) -> Result<(), RunError> {
+    if engine.kind != BackendKind::Jit {
+        return Ok(());
+    }
+    match cnnc_compiler::codegen::exec::too_large(&graph()) {
+        Some(reason) => Err(RunError::TooLargeForJit { batch: n, reason }),
+        None => Ok(()),
+    }
+}
+
 /// What the JIT has to say about this CPU (no native FMA, …), checked once at
 /// start-up; empty on a good host.
 pub fn jit_warnings() -> Vec<String> {
@@ -267,6 +290,9 @@ pub fn run(
     opts: &RunOptions,
 ) -> Result<RunSummary, RunError> {
     let cfg = train.ok_or(RunError::NoTrain)?;
+    let Loss::CrossEntropy { smoothing } = cfg.loss;
+    let n = usize::try_from(cfg.batch).unwrap_or(usize::MAX);
+    check_jit_limits(opts.engine, n, || train_graph(model, n, smoothing))?;
     let base = file.parent().unwrap_or(Path::new("."));
     let splits = data::load(&cfg.data, base)?;
     check_data(model, &splits.train)?;
@@ -532,6 +558,7 @@ pub fn eval(
         None => (64, Vec::new(), 0),
     };
     let loader = Loader::new(&splits.test, batch, &augment, seed)?;
+    check_jit_limits(engine, batch, || eval_graph(model, batch))?;
     let mut engine = backend(engine, model, train);
     let Some(out) = logits else {
         let (loss, acc) = evaluate(engine.as_mut(), &params, &loader, None)?;

@@ -192,3 +192,26 @@ fn bad_input_is_an_error_not_a_panic() {
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", text(&out.stderr));
     }
 }
+
+/// A model past the JIT's per-tensor limit is refused before anything is
+/// allocated or written: a user error (exit 1) that says what to change.
+#[test]
+fn a_model_too_large_for_the_jit_is_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let huge = TINY
+        .replace("[1, 12, 12]", "[1, 2048, 2048]")
+        .replace("batch = 8", "batch = 64");
+    let f = write(d.path(), "huge.cnn", &huge);
+    for cmd in [vec!["bench", &f], vec!["run", &f, "--out", "never"]] {
+        let out = cnnc(&cmd);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("too large for the JIT backend at batch 64"),
+            "{err}"
+        );
+        assert!(err.contains("--backend interp"), "{err}");
+        assert!(!err.contains("internal error"), "{err}");
+    }
+    assert!(!std::path::Path::new("never").exists());
+}

@@ -53,6 +53,35 @@ struct Table(Vec<*mut f32>);
 unsafe impl Send for Table {}
 unsafe impl Sync for Table {}
 
+/// Elements a tensor may have for the JIT: byte offsets inside a tensor are
+/// 32-bit immediates in the generated loads and stores.
+pub const MAX_ELEMENTS: usize = (1 << 29) - 1;
+
+/// Why `g` cannot run on the JIT, when it cannot: its first tensor with more
+/// than [`MAX_ELEMENTS`] elements, named with its layer.
+pub fn too_large(g: &Graph) -> Option<String> {
+    let v = g
+        .values
+        .iter()
+        .enumerate()
+        .find(|(_, v)| v.shape.iter().product::<usize>() > MAX_ELEMENTS)?;
+    let layer = g
+        .nodes
+        .iter()
+        .find(|n| {
+            n.outputs.contains(&crate::ir::Vid(v.0)) || n.inputs.contains(&crate::ir::Vid(v.0))
+        })
+        .and_then(|n| n.layer.clone())
+        .map_or(String::new(), |l| format!(" (layer `{l}`)"));
+    Some(format!(
+        "`{}`{layer} has shape {:?}: {} numbers, more than the JIT's limit of {} per tensor",
+        v.1.name,
+        v.1.shape,
+        v.1.shape.iter().product::<usize>(),
+        MAX_ELEMENTS
+    ))
+}
+
 pub struct Executable {
     plan: Plan,
     jit: Jit,
