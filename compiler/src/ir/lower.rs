@@ -284,3 +284,58 @@ pub fn input_grad_graph(m: &CheckedModel, batch: usize) -> Graph {
     verify::debug_verify(&g, "lowering and autodiff");
     g
 }
+
+/// A forward pass in inference mode that also returns one inner value:
+/// outputs `logits` and `features` (the graph value of model value `target`).
+/// CAM weighs `features` (the input of `global_avg_pool`) by the final linear
+/// layer's weights; the runtime does that small product.
+pub fn features_graph(m: &CheckedModel, batch: usize, target: ValueId) -> Graph {
+    let f = forward(m, Mode::Infer, batch, "features");
+    let mut g = f.graph;
+    g.outputs = vec![
+        ("logits".into(), f.logits),
+        ("features".into(), f.values[target.0]),
+    ];
+    verify::debug_verify(&g, "lowering");
+    g
+}
+
+/// Grad-CAM's graph, in inference mode: the feature map `target` and the
+/// gradient of one class score per image with respect to it: outputs `logits`,
+/// `features` and `grad:features` (absent when the scores do not depend on the
+/// map, e.g. behind a `detach`: the runtime reads zeros).
+pub fn feature_grad_graph(m: &CheckedModel, batch: usize, target: ValueId) -> Graph {
+    let f = forward(m, Mode::Infer, batch, "feature_grad");
+    let mut g = f.graph;
+    let classes = g.shape(f.logits)[1];
+    let class = g.add_value("class", vec![batch], Role::Input);
+    let seed = g.push1(Op::OneHot { classes }, &[class], Some("seed"));
+    let a = f.values[target.0];
+    let grads = backward(&mut g, &[Seed::Value(f.logits, seed)], &[a]);
+    g.outputs = vec![("logits".into(), f.logits), ("features".into(), a)];
+    if let Some(ga) = grads[0] {
+        g.outputs.push(("grad:features".into(), ga));
+    }
+    verify::debug_verify(&g, "lowering and autodiff");
+    g
+}
+
+/// Where CAM reads from, for a target the check stage accepted: the value fed to
+/// `global_avg_pool` (the target after its position-wise layers) and the final
+/// linear layer whose weights give the class weights. `None` for a target that
+/// is not a CAM target.
+pub fn cam_parts(m: &CheckedModel, target: ValueId) -> Option<(ValueId, &crate::checked::Layer)> {
+    let mut v = target;
+    loop {
+        let mut users = m.users(v);
+        let (next, user) = users.next()?;
+        if users.next().is_some() {
+            return None;
+        }
+        if matches!(user.op, L::GlobalAvgPool) {
+            let (_, linear) = m.users(next).next()?;
+            return matches!(linear.op, L::Linear { .. }).then_some((v, linear));
+        }
+        v = next;
+    }
+}
