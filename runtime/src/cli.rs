@@ -37,6 +37,9 @@ pub enum Command {
     Run(RunArgs),
     /// Loss and accuracy of saved weights on a data set.
     Eval(EvalArgs),
+    /// Run a file's `explain` directives on saved weights: heat maps, their
+    /// evaluation and an HTML page, in a run folder's `explain/`.
+    Explain(ExplainArgs),
     /// Time a model's training step, inference and compilation on synthetic
     /// batches of its batch size; report per-kernel times, memory and the CPU
     /// features used.
@@ -112,6 +115,37 @@ pub struct EvalArgs {
     /// or not at all (a temporary file, then a rename).
     #[arg(long, value_name = "OUT.npy")]
     pub logits: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The `.cnn` file (its `explain` section says what to explain; its `train`
+    /// section which data).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// The weights to explain (e.g. `runs/shapes/checkpoints/final.safetensors`).
+    /// They are only read.
+    #[arg(long, value_name = "CKPT")]
+    pub weights: PathBuf,
+
+    /// The folder to write `explain/` into (default: `runs/<file name>-explain`,
+    /// or `…-explain-2`, … if that exists). An existing, non-empty folder is
+    /// refused unless --overwrite.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+
+    /// Allow --out to name a folder that already holds files.
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Skip the evaluation (pointing game, deletion/insertion, randomisation
+    /// check): only the maps, images and page.
+    #[arg(long)]
+    pub no_evaluation: bool,
 
     #[command(flatten)]
     pub engine: EngineArgs,

@@ -3,8 +3,8 @@
 //! become diagnostics, and stdout closing early (`cnnc … | head`) is not an error.
 
 use crate::cli::{
-    BenchArgs, CheckArgs, Cli, Color, Command, DumpArgs, EvalArgs, ExplainCodeArgs, MessageFormat,
-    RunArgs, Stage,
+    BenchArgs, CheckArgs, Cli, Color, Command, DumpArgs, EvalArgs, ExplainArgs, ExplainCodeArgs,
+    MessageFormat, RunArgs, Stage,
 };
 use crate::{codes, render};
 use cnnc_compiler::diag::{Diag, DiagKind};
@@ -30,6 +30,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Check(args) => check(&args, color),
         Command::Run(args) => run_cmd(&args, color),
         Command::Eval(args) => eval_cmd(&args, color),
+        Command::Explain(args) => explain_cmd(&args, color),
         Command::Bench(args) => bench_cmd(&args, color),
         Command::Dump(args) => dump(&args, color),
         Command::ExplainCode(args) => explain_code(&args),
@@ -109,6 +110,7 @@ fn run_cmd(args: &RunArgs, color: bool) -> i32 {
         epochs: args.epochs,
         engine: args.engine.engine(),
         init: args.init.clone(),
+        explain: checked.explain.clone(),
     };
     match crate::train::run(&args.file, model, train, &opts) {
         Ok(s) => {
@@ -118,9 +120,6 @@ fn run_cmd(args: &RunArgs, color: bool) -> i32 {
                 s.test_loss,
                 s.out.join("checkpoints/final.safetensors").display()
             ));
-            if !checked.explain.is_empty() {
-                print_err("note: this version of cnnc does not run `explain` directives yet\n");
-            }
             exit::OK
         }
         Err(e) => run_error(e),
@@ -166,6 +165,43 @@ fn eval_cmd(args: &EvalArgs, color: bool) -> i32 {
                     100.0 * acc
                 ));
             }
+            exit::OK
+        }
+        Err(e) => run_error(e),
+    }
+}
+
+fn explain_cmd(args: &ExplainArgs, color: bool) -> i32 {
+    let checked = match checked_model(&args.file, color) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(model) = &checked.model else {
+        return internal_error("checked_model returned no model");
+    };
+    if checked.explain.is_empty() {
+        print_err(&format!(
+            "error: `{}` has no `explain` section, so there is nothing to explain\n",
+            args.file.display()
+        ));
+        return exit::USER;
+    }
+    let opts = crate::explain::SavedOptions {
+        weights: &args.weights,
+        out: args.out.as_deref(),
+        overwrite: args.overwrite,
+        engine: args.engine.engine(),
+        evaluate: !args.no_evaluation,
+    };
+    match crate::explain::explain_saved(
+        &args.file,
+        model,
+        checked.train.as_ref(),
+        &checked.explain,
+        &opts,
+    ) {
+        Ok(summary) => {
+            crate::explain::report(&summary);
             exit::OK
         }
         Err(e) => run_error(e),

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod codes;
 pub mod commands;
 pub mod data;
+pub mod explain;
 pub mod optim;
 pub mod params;
 pub mod render;

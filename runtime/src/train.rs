@@ -11,7 +11,7 @@ use crate::checkpoint::{self, CheckpointError, TrainPoint};
 use crate::data::{self, Batch, DataError, Dataset, Loader};
 use crate::optim::{ClipOutcome, ClipStats, Optimizer, Schedule};
 use crate::params::{Params, ParamsError};
-use cnnc_compiler::checked::{CheckedModel, Clip, Loss, TrainConfig};
+use cnnc_compiler::checked::{CheckedModel, Clip, ExplainDirective, Loss, TrainConfig};
 use cnnc_compiler::ir::lower::{eval_graph, train_graph};
 use cnnc_compiler::params::{param_specs, ParamKind};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -47,6 +47,8 @@ pub enum RunError {
          help: use a smaller `batch`, or `--backend interp`"
     )]
     TooLargeForJit { batch: usize, reason: String },
+    #[error("{0}")]
+    Explain(String),
     #[error("internal error in the backend: {message}")]
     Backend { message: String },
 }
@@ -93,6 +95,8 @@ pub struct RunOptions {
     pub epochs: Option<u64>,
     pub engine: Engine,
     pub init: Option<PathBuf>,
+    /// The `explain` directives to run after training.
+    pub explain: Vec<ExplainDirective>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -228,7 +232,7 @@ pub(crate) fn backend_error(message: String) -> RunError {
 
 /// The data must fit the model (checked here for folders, whose image size is
 /// only known once read).
-fn check_data(model: &CheckedModel, d: &Dataset) -> Result<(), RunError> {
+pub(crate) fn check_data(model: &CheckedModel, d: &Dataset) -> Result<(), RunError> {
     let shape: Vec<u64> = d.shape.iter().map(|&x| x as u64).collect();
     if shape != model.input {
         return Err(RunError::DataShape {
@@ -246,27 +250,33 @@ fn check_data(model: &CheckedModel, d: &Dataset) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Picks the run folder: `--out` (which must be empty unless `--overwrite`), or
-/// `runs/<file stem>`, `runs/<file stem>-2`, … the first that does not exist.
-fn run_folder(file: &Path, opts: &RunOptions) -> Result<PathBuf, RunError> {
+/// Picks the run folder: `out` (which must be empty unless `overwrite`), or
+/// `runs/<file stem><suffix>`, then `…-2`, … the first that does not exist; and
+/// makes it.
+pub(crate) fn run_folder(
+    file: &Path,
+    out: Option<&Path>,
+    overwrite: bool,
+    suffix: &str,
+) -> Result<PathBuf, RunError> {
     let non_empty = |p: &Path| {
         std::fs::read_dir(p)
             .map(|mut d| d.next().is_some())
             .unwrap_or(false)
     };
-    let dir = match &opts.out {
+    let dir = match out {
         Some(d) => {
-            if non_empty(d) && !opts.overwrite {
-                return Err(RunError::OutExists(d.clone()));
+            if non_empty(d) && !overwrite {
+                return Err(RunError::OutExists(d.to_path_buf()));
             }
-            d.clone()
+            d.to_path_buf()
         }
         None => {
             let stem = file
                 .file_stem()
                 .map_or("run".into(), |s| s.to_string_lossy().into_owned());
-            let base = PathBuf::from("runs").join(&stem);
-            let mut dir = base.clone();
+            let stem = format!("{stem}{suffix}");
+            let mut dir = PathBuf::from("runs").join(&stem);
             let mut k = 2;
             while dir.exists() {
                 dir = PathBuf::from("runs").join(format!("{stem}-{k}"));
@@ -275,7 +285,7 @@ fn run_folder(file: &Path, opts: &RunOptions) -> Result<PathBuf, RunError> {
             dir
         }
     };
-    std::fs::create_dir_all(dir.join("checkpoints")).map_err(|e| RunError::Write {
+    std::fs::create_dir_all(&dir).map_err(|e| RunError::Write {
         path: dir.clone(),
         reason: e.to_string(),
     })?;
@@ -302,7 +312,12 @@ pub fn run(
         Some(path) => checkpoint::load_weights(path, &specs)?,
         None => Params::init(&specs, cfg.seed)?,
     };
-    let out = run_folder(file, opts)?;
+    let out = run_folder(file, opts.out.as_deref(), opts.overwrite, "")?;
+    let ckpt_dir = out.join("checkpoints");
+    std::fs::create_dir_all(&ckpt_dir).map_err(|e| RunError::Write {
+        path: ckpt_dir,
+        reason: e.to_string(),
+    })?;
     let mut engine = backend(opts.engine, model, Some(cfg));
     let mut opt = Optimizer::new(&cfg.optimizer, &specs);
     let schedule = Schedule::new(&cfg.schedule);
@@ -432,6 +447,20 @@ pub fn run(
         last = (test_loss, test_acc);
     }
     save(&out, "final", model, &params, &opt, epochs, 0.0)?;
+    if !opts.explain.is_empty() {
+        let summary = crate::explain::run(&crate::explain::Request {
+            model,
+            train: Some(cfg),
+            directives: &opts.explain,
+            splits: &splits,
+            params: &params,
+            engine: opts.engine,
+            dir: &out.join("explain"),
+            weights: "checkpoints/final.safetensors (this run)".into(),
+            evaluate: true,
+        })?;
+        crate::explain::report(&summary);
+    }
     Ok(RunSummary {
         out,
         test_loss: last.0,

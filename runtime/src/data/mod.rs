@@ -15,7 +15,7 @@ mod error;
 pub mod folder;
 mod loader;
 pub mod mnist;
-mod rng;
+pub(crate) mod rng;
 pub mod shapes;
 
 use std::path::Path;

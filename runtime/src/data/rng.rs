@@ -14,6 +14,8 @@ pub(crate) enum Purpose {
     Augment = 2,
     ShapesTrain = 3,
     ShapesTest = 4,
+    /// SmoothGrad's noise (epoch = directive, stream = sample index).
+    Explain = 5,
 }
 
 /// The generator for `(seed, purpose, epoch)` on stream `stream` (a sample
@@ -54,6 +56,13 @@ pub(crate) fn unit(rng: &mut ChaCha8Rng) -> f64 {
 /// A uniform float in `[lo, hi)`.
 pub(crate) fn uniform(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> f64 {
     lo + (hi - lo) * unit(rng)
+}
+
+/// A standard normal draw (Box–Muller on two uniform draws).
+pub(crate) fn normal(rng: &mut ChaCha8Rng) -> f64 {
+    // 1 - unit() is in (0, 1]: the logarithm is finite.
+    let r = (-2.0 * (1.0 - unit(rng)).ln()).sqrt();
+    r * (std::f64::consts::TAU * unit(rng)).cos()
 }
 
 /// A uniform `f32` in `[-1, 1)` from 16 random bits (cheap, for pixel noise:
@@ -114,5 +123,17 @@ mod tests {
             assert!((3..=4).contains(&k));
         }
         assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn normal_draws_have_mean_zero_and_unit_variance() {
+        let mut r = stream(3, Purpose::Explain, 0, 0);
+        let n = 20_000;
+        let z: Vec<f64> = (0..n).map(|_| normal(&mut r)).collect();
+        let mean = z.iter().sum::<f64>() / n as f64;
+        let var = z.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64;
+        assert!(mean.abs() < 0.03, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.05, "variance {var}");
+        assert!(z.iter().all(|v| v.is_finite()));
     }
 }
