@@ -100,6 +100,11 @@ def main():
     ap.add_argument("--torch-extra", default="",
                     help="more torch_baseline.py arguments, e.g. '--omp-wait-policy passive'")
     ap.add_argument("--raw", help="also write every measurement to this JSON-lines file")
+    ap.add_argument("--explain", action="store_true",
+                    help="compare one image's saliency and CAM (torch_baseline.py --mode saliency/cam, "
+                         "cnnc bench --explain) instead of the training step")
+    ap.add_argument("--explain-steps", type=int, default=200,
+                    help="timed explanations per run (both sides) with --explain")
     args = ap.parse_args()
 
     if not Path(args.cnnc).is_file():
@@ -114,6 +119,8 @@ def main():
 
     print(f"machine: {machine()}", flush=True)
     print(f"load average at start: {load_average()}", flush=True)
+    if args.explain:
+        return compare_explain(args, models, threads, raw)
     results = {}  # (model, threads) -> {"cnnc": [...], "torch": [...]}
     t_start = time.time()
     for r in range(args.repeats):
@@ -167,6 +174,62 @@ def main():
                   f"| {p:.1f} [{min(e['torch']):.1f}-{max(e['torch']):.1f}] | {c / p:.2f} "
                   f"| {min(e['cnnc']) / min(e['torch']):.2f} "
                   f"| {gf(c):.1f} | {gf(p):.1f} |")
+    if raw:
+        raw.close()
+
+
+def compare_explain(args, models, threads, raw):
+    """One image's saliency and CAM (predicted class), cnnc vs PyTorch, alternating."""
+    results = {}  # (model, threads, method) -> {"cnnc": [...], "torch": [...]}
+    t_start = time.time()
+    torch_version = "?"
+    for r in range(args.repeats):
+        for m in models:
+            for t in threads:
+                cnnc_cmd = [args.cnnc, "bench", MODELS[m], "--json", "--explain", "--backend", args.backend,
+                            "--threads", str(t), "--steps", str(args.explain_steps), "--warmup", "10"]
+                torch_cmds = [[args.torch_python, args.torch_script, "--model", m, "--threads", str(t),
+                               "--mode", mode, "--json", "--steps", str(args.explain_steps),
+                               "--warmup", str(args.torch_warmup)] + shlex.split(args.torch_extra)
+                              for mode in ("saliency", "cam")]
+                order = [("cnnc", cnnc_cmd), ("torch", torch_cmds)]
+                if r % 2 == 1:
+                    order.reverse()
+                for side, cmd in order:
+                    if side == "cnnc":
+                        res, busy = run_json(cmd, ROOT)
+                        got = {"saliency": res["explain"]["saliency_ms"]["median"],
+                               "cam": res["explain"]["cam_ms"]["median"]}
+                    else:
+                        got = {}
+                        for mode, c in zip(("saliency", "cam"), cmd):
+                            res, busy = run_json(c, ROOT)
+                            got[mode] = res["median_ms"]
+                            torch_version = res["torch"]
+                    for method, ms in got.items():
+                        results.setdefault((m, t, method), {"cnnc": [], "torch": []})[side].append(ms)
+                        if raw:
+                            raw.write(json.dumps(dict(side=side, model=m, threads=t, repeat=r, method=method,
+                                                      ms=ms)) + "\n")
+                    print(f"  repeat {r + 1}/{args.repeats} {m} threads={t} {side:5s} "
+                          + "  ".join(f"{k} {v:.3f} ms" for k, v in got.items())
+                          + f"  (load {load_average()})", flush=True)
+    print(f"load average at end: {load_average()}; {time.time() - t_start:.0f} s")
+    print()
+    print(f"cnnc {args.backend} backend vs PyTorch {torch_version} eager: one image, predicted class, "
+          f"eval mode; saliency = forward, backward, |grad| max over channels; CAM = forward, weighted "
+          f"sum of the last feature map, ReLU, bilinear upsampling; median of {args.repeats} alternating "
+          f"runs (range in brackets)")
+    print()
+    print("| network | threads | method | cnnc ms | PyTorch ms | cnnc / torch |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for m in models:
+        for t in threads:
+            for method in ("saliency", "cam"):
+                e = results[(m, t, method)]
+                c, p = statistics.median(e["cnnc"]), statistics.median(e["torch"])
+                print(f"| {m} | {t} | {method} | {c:.3f} [{min(e['cnnc']):.3f}-{max(e['cnnc']):.3f}] "
+                      f"| {p:.3f} [{min(e['torch']):.3f}-{max(e['torch']):.3f}] | {c / p:.2f} |")
     if raw:
         raw.close()
 

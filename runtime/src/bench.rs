@@ -37,6 +37,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// The backend and the threads asked for (the interpreter runs on one).
     pub engine: Engine,
+    /// Also time the saliency and CAM of one image.
+    pub explain: bool,
 }
 
 /// Median, fastest and slowest of a series of times, in milliseconds.
@@ -191,6 +193,20 @@ pub struct BenchReport {
     pub isa: Isa,
     /// Loss of the last timed step (a sanity check: finite).
     pub last_loss: f32,
+    /// With `--explain`: one image's saliency and CAM.
+    pub explain: Option<ExplainTimes>,
+}
+
+/// The time to explain one image (batch 1) for its predicted class: the
+/// forward pass that picks the class, the method's graph, the map (max over
+/// channels; CAM's weighted sum, ReLU and bilinear upsampling to the input).
+#[derive(Clone, Debug, Serialize)]
+pub struct ExplainTimes {
+    pub saliency_ms: Spread,
+    /// `null` when the model does not end with `global_avg_pool` then `linear`.
+    pub cam_ms: Option<Spread>,
+    /// The layer CAM reads: the map fed to `global_avg_pool`.
+    pub cam_layer: Option<String>,
 }
 
 /// One kernel (step) of the JIT's training executable.
@@ -360,6 +376,12 @@ pub fn run(
         }
     };
 
+    let explain = if opts.explain {
+        Some(explain_times(model, &params, opts)?)
+    } else {
+        None
+    };
+
     let train_step_ms = Spread::of(&train_ms);
     let infer_ms = Spread::of(&infer_ms);
     let per_sec = |ms: f64| n as f64 / (ms / 1e3).max(1e-12);
@@ -382,6 +404,51 @@ pub fn run(
         kernels,
         isa: Isa::detect(opts.engine.kind),
         last_loss,
+        explain,
+    })
+}
+
+/// Times saliency and CAM of one synthetic image (after a compiling first call
+/// and the warm-up).
+fn explain_times(
+    model: &CheckedModel,
+    params: &Params,
+    opts: &BenchOptions,
+) -> Result<ExplainTimes, RunError> {
+    use crate::explain::{methods, runner::Runner};
+    use cnnc_compiler::checked::Method;
+    let x = synthetic_batch(&model.input, 1, 1, 1).x;
+    let shape = [
+        model.input[0] as usize,
+        model.input.get(1).copied().unwrap_or(1) as usize,
+        model.input.get(2).copied().unwrap_or(1) as usize,
+    ];
+    let mut runner = Runner::new(model, opts.engine);
+    let mut time = |method: &Method| -> Result<Spread, RunError> {
+        let mut once = || -> Result<f64, RunError> {
+            let t0 = Instant::now();
+            methods::explain_predicted(&mut runner, params, method, &x, shape)
+                .map_err(train::backend_error)?;
+            Ok(ms_since(t0))
+        };
+        for _ in 0..=opts.warmup {
+            once()?;
+        }
+        let ms = (0..opts.steps)
+            .map(|_| once())
+            .collect::<Result<Vec<f64>, RunError>>()?;
+        Ok(Spread::of(&ms))
+    };
+    let saliency_ms = time(&Method::Saliency)?;
+    let target = methods::default_cam_target(model);
+    let cam_ms = match target {
+        Some(layer) => Some(time(&Method::Cam { layer })?),
+        None => None,
+    };
+    Ok(ExplainTimes {
+        saliency_ms,
+        cam_ms,
+        cam_layer: target.map(|t| model.layers[t.0 - 1].name.clone()),
     })
 }
 
@@ -420,6 +487,19 @@ pub fn human(r: &BenchReport) -> String {
         "  inference    {:9.2} ms median  (min {:.2}, max {:.2})  {:.0} images/s\n",
         r.infer_ms.median, r.infer_ms.min, r.infer_ms.max, r.infer_images_per_sec
     ));
+    if let Some(e) = &r.explain {
+        s.push_str(&format!(
+            "  saliency     {:9.3} ms median  (min {:.3}, max {:.3})  one image, predicted class\n",
+            e.saliency_ms.median, e.saliency_ms.min, e.saliency_ms.max
+        ));
+        match (&e.cam_ms, &e.cam_layer) {
+            (Some(c), Some(l)) => s.push_str(&format!(
+                "  cam          {:9.3} ms median  (min {:.3}, max {:.3})  one image, layer `{l}`\n",
+                c.median, c.min, c.max
+            )),
+            _ => s.push_str("  cam          not measured: the model does not end with global_avg_pool then linear\n"),
+        }
+    }
     s.push_str(&format!("  peak memory  {memory}\n"));
     s.push_str(&format!(
         "  isa          {}: avx {}, avx2 {}, fma {}, avx512f {}; {}\n",

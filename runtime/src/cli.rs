@@ -196,6 +196,12 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
 
+    /// Also time the saliency map and the CAM of one image (batch 1, predicted
+    /// class): `explain` in the JSON, `saliency_ms` and `cam_ms` as `{median,
+    /// min, max}`.
+    #[arg(long)]
+    pub explain: bool,
+
     /// Print one JSON object: `train_step_ms` and `infer_ms` as `{median, min,
     /// max}`, `compile_ms`, `first_step_ms`, `peak_bytes` (null where unknown),
     /// `arena_bytes` and `kernels` (per-kernel times; JIT only), `backend`,

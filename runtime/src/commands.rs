@@ -220,6 +220,7 @@ fn bench_cmd(args: &BenchArgs, color: bool) -> i32 {
         steps: usize::try_from(args.steps).unwrap_or(usize::MAX),
         warmup: usize::try_from(args.warmup).unwrap_or(usize::MAX),
         engine: args.engine.engine(),
+        explain: args.explain,
     };
     match crate::bench::run(model, checked.train.as_ref(), &opts) {
         Ok(r) if args.json => match serde_json::to_string(&r) {

@@ -111,6 +111,42 @@ fn json_has_every_field_with_positive_times() {
     assert!(v["last_loss"].as_f64().is_some_and(f64::is_finite), "{v}");
 }
 
+/// `--explain` times one image's saliency and CAM (the CAM of the map fed to
+/// global_avg_pool); a model without global_avg_pool then linear has no CAM.
+#[test]
+fn explain_flag_times_saliency_and_cam() {
+    let d = tempfile::tempdir().unwrap();
+    let f = write(d.path(), "tiny.cnn", TINY);
+    let out = cnnc(&[
+        "bench",
+        &f,
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--explain",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&text(&out.stdout)).unwrap();
+    positive_spread(&v["explain"], "saliency_ms");
+    positive_spread(&v["explain"], "cam_ms");
+    assert_eq!(v["explain"]["cam_layer"], "relu2", "{v}");
+    let without = cnnc(&["bench", &f, "--steps", "2", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&text(&without.stdout)).unwrap();
+    assert!(v["explain"].is_null(), "only with --explain: {v}");
+
+    let flat = TINY.replace("  global_avg_pool\n", "  flatten\n");
+    let f = write(d.path(), "flat.cnn", &flat);
+    let out = cnnc(&["bench", &f, "--steps", "2", "--explain"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("saliency") && stdout.contains("cam          not measured"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn interpreter_runs_on_one_thread_whatever_is_asked() {
     let d = tempfile::tempdir().unwrap();

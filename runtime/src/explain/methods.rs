@@ -25,7 +25,7 @@ use super::render::upsample_bilinear;
 use super::runner::{GraphKind, Runner};
 use crate::data::rng::{self, Purpose};
 use crate::params::Params;
-use cnnc_compiler::checked::{Baseline, Method};
+use cnnc_compiler::checked::{Baseline, CheckedModel, Method, Op, ValueId};
 use cnnc_compiler::ir::lower::cam_parts;
 
 /// Images to explain, as the model reads them (after the evaluation transforms).
@@ -398,4 +398,49 @@ pub fn baseline_image(
             super::metrics::blur(x, [c, h, w], sigma)?
         }
     })
+}
+
+/// The map of one image for its predicted class: what `cnnc bench --explain`
+/// times (class selection, the method, the upsampling).
+pub fn explain_predicted(
+    runner: &mut Runner,
+    params: &Params,
+    method: &Method,
+    image: &[f32],
+    shape: [usize; 3],
+) -> Result<Vec<f32>, String> {
+    let images = Images {
+        x: image,
+        n: 1,
+        shape,
+    };
+    let scores = logits(runner, params, &images)?;
+    let class = scores.first().map_or(0, |l| {
+        l.iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 {
+                    (i, v)
+                } else {
+                    best
+                }
+            })
+            .0
+    });
+    let mut maps = compute(runner, params, method, &images, &[class], 0, 0)?;
+    maps.maps.pop().ok_or_else(|| "no map".to_string())
+}
+
+/// The CAM target of a model that ends with `global_avg_pool` then `linear`: the
+/// map fed to the pool. `None` for other models.
+pub fn default_cam_target(m: &CheckedModel) -> Option<ValueId> {
+    let out = m.output();
+    let fc = m.layers.get(out.0.checked_sub(1)?)?;
+    let gap = *fc.inputs.first()?;
+    let pool = m.layers.get(gap.0.checked_sub(1)?)?;
+    if !matches!(pool.op, Op::GlobalAvgPool) || !matches!(fc.op, Op::Linear { .. }) {
+        return None;
+    }
+    let target = *pool.inputs.first()?;
+    (m.shape(target).len() == 3 && cam_parts(m, target).is_some()).then_some(target)
 }
