@@ -1,7 +1,9 @@
 //! The kernel-builder layer over cranelift-frontend: the few shapes of code every
 //! generated kernel is made of (rotated counted loops with loop-carried values,
-//! address arithmetic, flagged loads and stores, f32x4 splat and FMA), so that the
-//! kernel emitters read like the loop nests they generate.
+//! address arithmetic, flagged loads and stores, vector splat and FMA), so that the
+//! kernel emitters read like the loop nests they generate. A kernel is built for
+//! one element type ([`DType`]): `Kb` says which scalar and vector types, element
+//! size and lanes the emitters use (f32/f32x4, or f64/f64x2 for gradient checks).
 //!
 //! Every kernel has the signature `fn(bufs: *const *mut f32, start: i64, end: i64)`:
 //! `bufs` points at one pointer per buffer (inputs first, then outputs) and
@@ -13,6 +15,8 @@ use cranelift_codegen::ir::{
 };
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+
+use super::DType;
 
 pub(crate) const F32: Type = types::F32;
 pub(crate) const F32X4: Type = types::F32X4;
@@ -55,6 +59,8 @@ pub(crate) struct Kb<'a> {
     /// (never Cranelift's per-lane `fmaf` libcall).
     fma: bool,
     bufs: Value,
+    /// The element type of the kernel's buffers.
+    pub dt: DType,
     /// The work range over the batch.
     pub start: Value,
     pub end: Value,
@@ -63,7 +69,12 @@ pub(crate) struct Kb<'a> {
 impl<'a> Kb<'a> {
     /// Starts the entry block of a kernel whose `func.signature` is
     /// [`kernel_signature`].
-    pub fn new(func: &'a mut Function, fctx: &'a mut FunctionBuilderContext, fma: bool) -> Self {
+    pub fn new(
+        func: &'a mut Function,
+        fctx: &'a mut FunctionBuilderContext,
+        fma: bool,
+        dt: DType,
+    ) -> Self {
         let mut b = FunctionBuilder::new(func, fctx);
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
@@ -73,6 +84,7 @@ impl<'a> Kb<'a> {
             b,
             fma,
             bufs: p[0],
+            dt,
             start: p[1],
             end: p[2],
         }
@@ -122,15 +134,45 @@ impl<'a> Kb<'a> {
         self.b.ins().store(output_flags(), v, ptr, to_off(off));
     }
 
-    /// Zero of `ty` (`F32` or `F32X4`).
-    pub fn zero(&mut self, ty: Type) -> Value {
-        let z = self.b.ins().f32const(0.0);
-        self.splat(ty, z)
+    /// The scalar element type: `F32` or `F64`.
+    pub fn sty(&self) -> Type {
+        self.dt.scalar()
     }
 
-    /// `x` broadcast to `ty` (identity for `F32`).
+    /// The 128-bit vector type: `F32X4` or `F64X2`.
+    pub fn vty(&self) -> Type {
+        self.dt.vector()
+    }
+
+    /// Bytes per element (4 or 8).
+    pub fn esz(&self) -> i64 {
+        self.dt.bytes() as i64
+    }
+
+    /// Lanes per vector (4 or 2).
+    pub fn lanes(&self) -> usize {
+        self.dt.lanes()
+    }
+
+    /// The constant `x` of `ty` (a scalar or vector of the element type): for
+    /// f32, `x as f32` (exact when `x` was computed as an f32).
+    pub fn real(&mut self, ty: Type, x: f64) -> Value {
+        let s = if ty.lane_type() == types::F64 {
+            self.b.ins().f64const(x)
+        } else {
+            self.b.ins().f32const(x as f32)
+        };
+        self.splat(ty, s)
+    }
+
+    /// Zero of `ty` (a scalar or vector of the element type).
+    pub fn zero(&mut self, ty: Type) -> Value {
+        self.real(ty, 0.0)
+    }
+
+    /// `x` broadcast to `ty` (identity for a scalar type).
     pub fn splat(&mut self, ty: Type, x: Value) -> Value {
-        if ty == F32 {
+        if !ty.is_vector() {
             x
         } else {
             self.b.ins().splat(ty, x)
@@ -152,7 +194,7 @@ impl<'a> Kb<'a> {
     pub fn where_positive(&mut self, ty: Type, x: Value, v: Value) -> Value {
         let zero = self.zero(ty);
         let mask = self.b.ins().fcmp(FloatCC::GreaterThan, x, zero);
-        if ty == F32 {
+        if !ty.is_vector() {
             self.b.ins().select(mask, v, zero)
         } else {
             let mask = self.b.ins().bitcast(ty, MemFlagsData::new(), mask);

@@ -77,7 +77,8 @@
 //!
 //! [`gemm::sgemm`]: super::gemm::sgemm
 
-use super::builder::{Bound, Kb, F32, F32X4};
+use super::builder::{Bound, Kb};
+use super::DType;
 use super::{Emit, Par};
 use crate::ir::{ConvAttrs, Graph, Node, Op, Shape};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
@@ -361,12 +362,13 @@ struct Bases {
 /// Direct conv2d forward. Buffers: `x[N,C,H,W]`, `w[O,C/g,KH,KW]`,
 /// `y[N,O,OH,OW]`.
 fn conv2d(kb: &mut Kb, geo: &ConvGeom) {
+    let e = kb.esz();
     let (x, w, y) = (kb.buffer(0), kb.buffer(1), kb.buffer(2));
     let g = *geo;
     let (cg, og) = (g.cg(), g.og());
-    let x_item = (g.c * g.h * g.w * 4) as i64;
-    let y_item = (g.o * g.oh * g.ow * 4) as i64;
-    let taps = (cg * g.kh * g.kw * 4) as i64;
+    let x_item = (g.c * g.h * g.w) as i64 * e;
+    let y_item = (g.o * g.oh * g.ow) as i64 * e;
+    let taps = (cg * g.kh * g.kw) as i64 * e;
     let (start, end) = (kb.start, kb.end);
     let rows = runs(g.oh, g.h, g.kh, g.a.stride[0], g.a.pad[0], g.a.dilation[0]);
     let cols = runs(g.ow, g.w, g.kw, g.a.stride[1], g.a.pad[1], g.a.dilation[1]);
@@ -379,15 +381,15 @@ fn conv2d(kb: &mut Kb, geo: &ConvGeom) {
             1,
             &[],
             |kb, gi, _| {
-                let xg = kb.offset(xn, gi, (cg * g.h * g.w * 4) as i64);
+                let xg = kb.offset(xn, gi, (cg * g.h * g.w) as i64 * e);
                 let wg = kb.offset(w, gi, og as i64 * taps);
-                let yg = kb.offset(yn, gi, (og * g.oh * g.ow * 4) as i64);
+                let yg = kb.offset(yn, gi, (og * g.oh * g.ow) as i64 * e);
                 let full = og / OB * OB;
                 let block = |kb: &mut Kb, ob: Value, nb: usize| {
                     let bases = Bases {
                         x: xg,
                         w: kb.offset(wg, ob, taps),
-                        y: kb.offset(yg, ob, (g.oh * g.ow * 4) as i64),
+                        y: kb.offset(yg, ob, (g.oh * g.ow) as i64 * e),
                     };
                     channel_block(kb, &g, &bases, nb, &rows, &cols);
                 };
@@ -436,9 +438,9 @@ fn column_run(kb: &mut Kb, g: &ConvGeom, b: &Bases, nb: usize, oh: Value, r: &Ru
     // Lanes per accumulator: 4 when the input columns of 4 neighbouring outputs
     // are contiguous (stride 1), else scalars.
     let (ty, lanes) = if g.a.stride[1] == 1 {
-        (F32X4, 4)
+        (kb.vty(), kb.lanes())
     } else {
-        (F32, 1)
+        (kb.sty(), 1)
     };
     let tile = lanes * NV;
     let full = len / tile * tile;
@@ -461,7 +463,8 @@ fn column_run(kb: &mut Kb, g: &ConvGeom, b: &Bases, nb: usize, oh: Value, r: &Ru
     }
     if at < c.o1 {
         let ow = kb.iconst(at as i64);
-        emit_tile(kb, g, b, nb, oh, ow, F32, c.o1 - at, r, c);
+        let st = kb.sty();
+        emit_tile(kb, g, b, nb, oh, ow, st, c.o1 - at, r, c);
     }
 }
 
@@ -480,6 +483,7 @@ fn emit_tile(
     r: &Run,
     c: &Run,
 ) {
+    let (e, st) = (kb.esz(), kb.sty());
     let (sh, sw) = (g.a.stride[0] as i64, g.a.stride[1] as i64);
     let (ph, pw) = (g.a.pad[0] as i64, g.a.pad[1] as i64);
     let (dh, dw) = (g.a.dilation[0] as i64, g.a.dilation[1] as i64);
@@ -487,10 +491,10 @@ fn emit_tile(
     let (kh, kw) = (g.kh as i64, g.kw as i64);
     let cg = g.cg() as i64;
     // Byte distance between the inputs of neighbouring vectors / scalar lanes.
-    let lane_step = if ty == F32X4 { 16 } else { 4 * sw };
+    let lane_step = if ty.is_vector() { 16 } else { e * sw };
     // x[c=0, oh*sh, ow*sw] (before padding and tap offsets, which are constants).
-    let xr = kb.offset(b.x, oh, 4 * sh * w);
-    let xr = kb.offset(xr, ow, 4 * sw);
+    let xr = kb.offset(b.x, oh, e * sh * w);
+    let xr = kb.offset(xr, ow, e * sw);
     let zero = kb.zero(ty);
     let init = vec![zero; nb * nv];
     let acc = if r.k0 < r.k1 && c.k0 < c.k1 {
@@ -500,18 +504,18 @@ fn emit_tile(
             1,
             &init,
             |kb, ci, acc| {
-                let xc = kb.offset(xr, ci, 4 * h * w);
-                let wc = kb.offset(b.w, ci, 4 * kh * kw);
+                let xc = kb.offset(xr, ci, e * h * w);
+                let wc = kb.offset(b.w, ci, e * kh * kw);
                 let mut acc = acc.to_vec();
                 for tkh in r.k0 as i64..r.k1 as i64 {
                     for tkw in c.k0 as i64..c.k1 as i64 {
-                        let xoff = 4 * ((tkh * dh - ph) * w + tkw * dw - pw);
+                        let xoff = e * ((tkh * dh - ph) * w + tkw * dw - pw);
                         let xs: Vec<Value> = (0..nv as i64)
                             .map(|v| kb.load_in(ty, xc, xoff + v * lane_step))
                             .collect();
                         for o in 0..nb {
-                            let woff = 4 * (o as i64 * cg * kh * kw + tkh * kw + tkw);
-                            let ws = kb.load_in(F32, wc, woff);
+                            let woff = e * (o as i64 * cg * kh * kw + tkh * kw + tkw);
+                            let ws = kb.load_in(st, wc, woff);
                             let ws = kb.splat(ty, ws);
                             for (v, &xv) in xs.iter().enumerate() {
                                 let a = &mut acc[o * nv + v];
@@ -526,10 +530,10 @@ fn emit_tile(
     } else {
         init
     };
-    let yr = kb.offset(b.y, oh, 4 * g.ow as i64);
-    let yr = kb.offset(yr, ow, 4);
-    let plane = 4 * (g.oh * g.ow) as i64;
-    let store_step = if ty == F32X4 { 16 } else { 4 };
+    let yr = kb.offset(b.y, oh, e * g.ow as i64);
+    let yr = kb.offset(yr, ow, e);
+    let plane = e * (g.oh * g.ow) as i64;
+    let store_step = if ty.is_vector() { 16 } else { e };
     for o in 0..nb {
         for v in 0..nv {
             kb.store(
@@ -708,20 +712,22 @@ impl At {
     /// The address of the piece in a buffer at `ptr` (span element 0, byte offset
     /// `base`) whose elements are `step` floats apart: a pointer and a byte offset.
     fn addr(self, kb: &mut Kb, ptr: Value, base: i64, step: i64) -> (Value, i64) {
+        let e = kb.esz();
         let p = match self.idx {
-            Some(i) => kb.offset(ptr, i, 4 * step),
+            Some(i) => kb.offset(ptr, i, e * step),
             None => ptr,
         };
-        (p, base + 4 * step * self.off)
+        (p, base + e * step * self.off)
     }
 }
 
 /// Calls `f(kb, ty, at)` on pieces covering elements `0..len` of a span, of type
 /// `ty` F32X4 or F32 as `how` says.
 fn span(kb: &mut Kb, len: usize, how: Pieces, f: &mut dyn FnMut(&mut Kb, Type, At)) {
+    let st = kb.sty();
     let (ty, lanes) = match how {
-        Pieces::Scalars => (F32, 1),
-        Pieces::Vectors | Pieces::Overlapping => (F32X4, 4),
+        Pieces::Scalars => (st, 1),
+        Pieces::Vectors | Pieces::Overlapping => (kb.vty(), kb.lanes()),
     };
     let pieces = len / lanes;
     let mut at = 0;
@@ -761,7 +767,7 @@ fn span(kb: &mut Kb, len: usize, how: Pieces, f: &mut dyn FnMut(&mut Kb, Type, A
     for e in at..len {
         f(
             kb,
-            F32,
+            st,
             At {
                 idx: None,
                 off: e as i64,
@@ -772,10 +778,11 @@ fn span(kb: &mut Kb, len: usize, how: Pieces, f: &mut dyn FnMut(&mut Kb, Type, A
 
 /// Stores zeros to `len` floats at `ptr + base` (bytes).
 fn zero_span(kb: &mut Kb, ptr: Value, base: i64, len: usize) {
-    let (z, zv) = (kb.zero(F32), kb.zero(F32X4));
+    let (st, vt) = (kb.sty(), kb.vty());
+    let (z, zv) = (kb.zero(st), kb.zero(vt));
     span(kb, len, Pieces::Overlapping, &mut |kb, ty, at| {
         let (p, off) = at.addr(kb, ptr, base, 1);
-        kb.store(if ty == F32 { z } else { zv }, p, off);
+        kb.store(if !ty.is_vector() { z } else { zv }, p, off);
     });
 }
 
@@ -784,6 +791,7 @@ fn zero_span(kb: &mut Kb, ptr: Value, base: i64, len: usize) {
 /// (they are the same for every item, group and channel chunk, and the scratch
 /// holding `col` is private to the call).
 fn im2col_padding(kb: &mut Kb, g: &ConvGeom, col: Value, channels: usize) {
+    let e = kb.esz();
     let (ld, ow) = (g.ld(), g.ow);
     let taps = taps(g);
     kb.for_range(
@@ -792,16 +800,16 @@ fn im2col_padding(kb: &mut Kb, g: &ConvGeom, col: Value, channels: usize) {
         1,
         &[],
         |kb, ci, _| {
-            let cc = kb.offset(col, ci, 4 * (taps.len() * ld) as i64);
+            let cc = kb.offset(col, ci, e * (taps.len() * ld) as i64);
             for (r, t) in taps.iter().enumerate() {
-                let row = 4 * (r * ld) as i64;
+                let row = e * (r * ld) as i64;
                 if t.is_empty() {
                     zero_span(kb, cc, row, g.positions());
                     continue;
                 }
                 let ((oh0, oh1), (ow0, ow1)) = (t.oh, t.ow);
                 zero_span(kb, cc, row, oh0 * ow);
-                zero_span(kb, cc, row + 4 * (oh1 * ow) as i64, (g.oh - oh1) * ow);
+                zero_span(kb, cc, row + e * (oh1 * ow) as i64, (g.oh - oh1) * ow);
                 if ow0 == 0 && ow1 == ow {
                     continue;
                 }
@@ -811,9 +819,9 @@ fn im2col_padding(kb: &mut Kb, g: &ConvGeom, col: Value, channels: usize) {
                     1,
                     &[],
                     |kb, oh, _| {
-                        let cr = kb.offset(cc, oh, 4 * ow as i64);
+                        let cr = kb.offset(cc, oh, e * ow as i64);
                         zero_span(kb, cr, row, ow0);
-                        zero_span(kb, cr, row + 4 * ow1 as i64, ow - ow1);
+                        zero_span(kb, cr, row + e * ow1 as i64, ow - ow1);
                         vec![]
                     },
                 );
@@ -840,6 +848,7 @@ fn for_each_tap_span(
     how: Pieces,
     f: &mut TapPiece,
 ) {
+    let e = kb.esz();
     let (h, w, ld) = (g.h as i64, g.w as i64, g.ld());
     let (sh, sw) = (g.a.stride[0] as i64, g.a.stride[1] as i64);
     let taps = taps(g);
@@ -849,13 +858,13 @@ fn for_each_tap_span(
         1,
         &[],
         |kb, ci, _| {
-            let xc = kb.offset(xg, ci, 4 * h * w);
-            let cc = kb.offset(col, ci, 4 * (taps.len() * ld) as i64);
+            let xc = kb.offset(xg, ci, e * h * w);
+            let cc = kb.offset(col, ci, e * (taps.len() * ld) as i64);
             for (r, t) in taps.iter().enumerate() {
                 if t.is_empty() {
                     continue;
                 }
-                let row = 4 * (r * ld) as i64;
+                let row = e * (r * ld) as i64;
                 let ((oh0, oh1), (ow0, ow1)) = (t.oh, t.ow);
                 // x[c, ih, iw] for output (oh, ow): ih = oh·sh + dh_off,
                 // iw = ow·sw + dw_off.
@@ -867,10 +876,10 @@ fn for_each_tap_span(
                     1,
                     &[],
                     |kb, oh, _| {
-                        let cr = kb.offset(cc, oh, 4 * g.ow as i64);
-                        let xr = kb.offset(xc, oh, 4 * sh * w);
-                        let c_base = row + 4 * ow0 as i64;
-                        let x_base = 4 * (dh_off * w + ow0 as i64 * sw + dw_off);
+                        let cr = kb.offset(cc, oh, e * g.ow as i64);
+                        let xr = kb.offset(xc, oh, e * sh * w);
+                        let c_base = row + e * ow0 as i64;
+                        let x_base = e * (dh_off * w + ow0 as i64 * sw + dw_off);
                         span(kb, ow1 - ow0, how, &mut |kb, ty, at| {
                             f(kb, ty, at, (xr, x_base), (cr, c_base))
                         });
@@ -936,6 +945,7 @@ fn gather_runs(input: usize, out: usize, k: usize, p: usize, d: usize) -> Vec<Ru
 /// (columns) of dx with the same taps share one loop (one span), as in the
 /// direct forward kernel, so there is no bounds test and no zero-fill pass.
 fn col2im_gather(kb: &mut Kb, g: &ConvGeom, col: Value, xg: Value, channels: usize) {
+    let e = kb.esz();
     let (w, ow, ld) = (g.w as i64, g.ow as i64, g.ld());
     let (ph, pw) = (g.a.pad[0] as i64, g.a.pad[1] as i64);
     let (dh, dw) = (g.a.dilation[0] as i64, g.a.dilation[1] as i64);
@@ -948,8 +958,8 @@ fn col2im_gather(kb: &mut Kb, g: &ConvGeom, col: Value, xg: Value, channels: usi
         1,
         &[],
         |kb, ci, _| {
-            let xc = kb.offset(xg, ci, 4 * (g.h * g.w) as i64);
-            let cc = kb.offset(col, ci, 4 * taps);
+            let xc = kb.offset(xg, ci, e * (g.h * g.w) as i64);
+            let cc = kb.offset(col, ci, e * taps);
             for r in &rows {
                 kb.for_range(
                     Bound::Const(r.o0 as i64),
@@ -957,12 +967,12 @@ fn col2im_gather(kb: &mut Kb, g: &ConvGeom, col: Value, xg: Value, channels: usi
                     1,
                     &[],
                     |kb, ih, _| {
-                        let xr = kb.offset(xc, ih, 4 * w);
+                        let xr = kb.offset(xc, ih, e * w);
                         // col[(kh, kw), oh, ow] with oh = ih + ph - kh·dh: the
                         // row ih of col, moved by constants per tap.
-                        let cr = kb.offset(cc, ih, 4 * ow);
+                        let cr = kb.offset(cc, ih, e * ow);
                         for c in &cols {
-                            let x_base = 4 * c.o0 as i64;
+                            let x_base = e * c.o0 as i64;
                             span(kb, c.o1 - c.o0, Pieces::Vectors, &mut |kb, ty, at| {
                                 let mut sum = None;
                                 for kh in r.k0..r.k1 {
@@ -970,7 +980,7 @@ fn col2im_gather(kb: &mut Kb, g: &ConvGeom, col: Value, xg: Value, channels: usi
                                         let tap = (kh * g.kw + kw) as i64;
                                         let oh = ph - kh as i64 * dh;
                                         let owf = c.o0 as i64 + pw - kw as i64 * dw;
-                                        let base = 4 * (tap * ld as i64 + oh * ow + owf);
+                                        let base = e * (tap * ld as i64 + oh * ow + owf);
                                         let (p, off) = at.addr(kb, cr, base, 1);
                                         let v = kb.load_out(ty, p, off);
                                         sum = Some(match sum {
@@ -1051,7 +1061,11 @@ fn call_sgemm(
     args.push(c);
     args.extend(sizes(kb, &[ldc]));
     args.push(accumulate);
-    kb.call_native(super::gemm::sgemm as *const () as usize, &args);
+    let gemm = match kb.dt {
+        DType::F32 => super::gemm::sgemm as *const () as usize,
+        DType::F64 => super::gemm::dgemm as *const () as usize,
+    };
+    kb.call_native(gemm, &args);
 }
 
 /// Per-item and per-group pointer steps of the kernels' loops.
@@ -1066,14 +1080,14 @@ struct Steps {
 }
 
 impl Steps {
-    fn new(g: &ConvGeom) -> Steps {
+    fn new(g: &ConvGeom, e: i64) -> Steps {
         let (x_plane, y_plane) = (g.h * g.w, g.positions());
         Steps {
-            x_item: 4 * (g.c * x_plane) as i64,
-            y_item: 4 * (g.o * y_plane) as i64,
-            x_group: 4 * (g.cg() * x_plane) as i64,
-            y_group: 4 * (g.og() * y_plane) as i64,
-            w_group: 4 * (g.og() * g.rows()) as i64,
+            x_item: e * (g.c * x_plane) as i64,
+            y_item: e * (g.o * y_plane) as i64,
+            x_group: e * (g.cg() * x_plane) as i64,
+            y_group: e * (g.og() * y_plane) as i64,
+            w_group: e * (g.og() * g.rows()) as i64,
         }
     }
 }
@@ -1089,7 +1103,7 @@ fn items_and_groups(
     body: &mut dyn FnMut(&mut Kb, Value, Value, Value, Value),
     after: &mut dyn FnMut(&mut Kb, Value),
 ) {
-    let s = Steps::new(g);
+    let s = Steps::new(g, kb.esz());
     let (start, end) = (kb.start, kb.end);
     kb.for_range(Bound::Val(start), Bound::Val(end), 1, &[], |kb, n, _| {
         let xn = kb.offset(x, n, s.x_item);
@@ -1140,12 +1154,13 @@ fn channel_chunks(kb: &mut Kb, g: &ConvGeom, f: &mut dyn FnMut(&mut Kb, Value, u
 /// `b` (when `bias`), `y`, scratch (unless pointwise). Per group, `y_g = Σ over
 /// channel chunks of w_g[:, chunk] · col(chunk)`.
 fn forward(kb: &mut Kb, g: &ConvGeom, bias: bool, relu: bool) {
+    let e = kb.esz();
     let (x, w) = (kb.buffer(0), kb.buffer(1));
     let b = bias.then(|| kb.buffer(2));
     let y = kb.buffer(2 + bias as usize);
     let col = (!g.pointwise()).then(|| kb.buffer(3 + bias as usize));
     let (k, p, ld, taps) = (g.rows(), g.positions(), g.ld(), g.kh * g.kw);
-    let plane = 4 * (g.h * g.w) as i64;
+    let plane = e * (g.h * g.w) as i64;
     if let Some(col) = col {
         im2col_padding(kb, g, col, g.chunk());
     }
@@ -1173,7 +1188,7 @@ fn forward(kb: &mut Kb, g: &ConvGeom, bias: bool, relu: bool) {
                 };
                 // Columns c0·KH·KW.. of w_g.
                 let a = Mat {
-                    ptr: kb.offset(wg, c0, 4 * taps as i64),
+                    ptr: kb.offset(wg, c0, e * taps as i64),
                     rs: k,
                     cs: 1,
                 };
@@ -1194,6 +1209,7 @@ fn forward(kb: &mut Kb, g: &ConvGeom, bias: bool, relu: bool) {
 /// `y[n] = y[n] + b[o]` (when `b`), then `max(·, 0)` with NaN → 0 (when `relu`),
 /// in place over one item `y[O, OH, OW]` at `yn`, a channel at a time.
 fn epilogue(kb: &mut Kb, g: &ConvGeom, yn: Value, b: Option<Value>, relu: bool) {
+    let (e, st, vt) = (kb.esz(), kb.sty(), kb.vty());
     let p = g.positions();
     // relu(v) is idempotent, so a last vector may overlap the one before.
     let how = if b.is_some() {
@@ -1208,16 +1224,16 @@ fn epilogue(kb: &mut Kb, g: &ConvGeom, yn: Value, b: Option<Value>, relu: bool) 
         &[],
         |kb, o, _| {
             let bias = b.map(|b| {
-                let bp = kb.offset(b, o, 4);
-                let bs = kb.load_in(F32, bp, 0);
-                (bs, kb.splat(F32X4, bs))
+                let bp = kb.offset(b, o, e);
+                let bs = kb.load_in(st, bp, 0);
+                (bs, kb.splat(vt, bs))
             });
-            let yo = kb.offset(yn, o, 4 * p as i64);
+            let yo = kb.offset(yn, o, e * p as i64);
             span(kb, p, how, &mut |kb, ty, at| {
                 let (yp, off) = at.addr(kb, yo, 0, 1);
                 let mut v = kb.load_out(ty, yp, off);
                 if let Some((bs, bv)) = bias {
-                    v = kb.b.ins().fadd(v, if ty == F32 { bs } else { bv });
+                    v = kb.b.ins().fadd(v, if !ty.is_vector() { bs } else { bv });
                 }
                 if relu {
                     v = positive_part(kb, ty, v);
@@ -1239,7 +1255,7 @@ fn epilogue(kb: &mut Kb, g: &ConvGeom, yn: Value, b: Option<Value>, relu: bool) 
 fn positive_part(kb: &mut Kb, ty: Type, v: Value) -> Value {
     let zero = kb.zero(ty);
     let mask = kb.b.ins().fcmp(FloatCC::LessThan, zero, v);
-    if ty == F32 {
+    if !ty.is_vector() {
         kb.b.ins().select(mask, v, zero)
     } else {
         let mask = kb.b.ins().bitcast(ty, MemFlagsData::new(), mask);
@@ -1251,11 +1267,12 @@ fn positive_part(kb: &mut Kb, ty: Type, v: Value) -> Value {
 /// (unless pointwise). Per group and channel chunk, `col = w_g[:, chunk]ᵀ ·
 /// dy[n, g]`, then col2im into those channels of `dx[n, g]`.
 fn grad_input(kb: &mut Kb, g: &ConvGeom) {
+    let e = kb.esz();
     let (dy, w, dx) = (kb.buffer(0), kb.buffer(1), kb.buffer(2));
     let col = (!g.pointwise()).then(|| kb.buffer(3));
     let overwrite = kb.b.ins().iconst(types::I32, 0);
     let (k, p, taps) = (g.rows(), g.positions(), g.kh * g.kw);
-    let plane = 4 * (g.h * g.w) as i64;
+    let plane = e * (g.h * g.w) as i64;
     items_and_groups(
         kb,
         g,
@@ -1264,7 +1281,7 @@ fn grad_input(kb: &mut Kb, g: &ConvGeom) {
             channel_chunks(kb, g, &mut |kb, c0, channels| {
                 // A = w_g[:, chunk]ᵀ: A(i, o) = w_g[o·K + c0·KH·KW + i].
                 let a = Mat {
-                    ptr: kb.offset(wg, c0, 4 * taps as i64),
+                    ptr: kb.offset(wg, c0, e * taps as i64),
                     rs: 1,
                     cs: k,
                 };
@@ -1297,16 +1314,17 @@ fn grad_input(kb: &mut Kb, g: &ConvGeom) {
 /// (when [`ConvGeom::dw_transposed`]). Per item, group and channel chunk, the
 /// chunk's columns of `dw_g` (rows of `dwᵀ_g`) (+)= `dy[n, g] · col(chunk)ᵀ`.
 fn grad_weight(kb: &mut Kb, g: &ConvGeom) {
+    let e = kb.esz();
     let (x, dy, dw) = (kb.buffer(0), kb.buffer(1), kb.buffer(2));
     let scratch = (g.dw_scratch() > 0).then(|| kb.buffer(3));
     let col = (!g.pointwise()).then(|| scratch.expect("im2col needs scratch"));
     // dwᵀ[g] (K×Og) for every group, after col.
     let dwt = g.dw_transposed().then(|| {
         let s = scratch.expect("dwᵀ lives in scratch");
-        kb.b.ins().iadd_imm_s(s, 4 * g.col_scratch() as i64)
+        kb.b.ins().iadd_imm_s(s, e * g.col_scratch() as i64)
     });
     let (k, p, og, taps) = (g.rows(), g.positions(), g.og(), g.kh * g.kw);
-    let plane = 4 * (g.h * g.w) as i64;
+    let plane = e * (g.h * g.w) as i64;
     let (start, end) = (kb.start, kb.end);
     let (work, empty, done) = (
         kb.b.create_block(),
@@ -1346,7 +1364,7 @@ fn grad_weight(kb: &mut Kb, g: &ConvGeom) {
                 let n_rows = channels * taps;
                 if dwt.is_some() {
                     // Rows c0·KH·KW.. of dwᵀ_g (K×Og) (+)= col (·×P) · dy_gᵀ.
-                    let c = kb.offset(cg, c0, 4 * (taps * og) as i64);
+                    let c = kb.offset(cg, c0, e * (taps * og) as i64);
                     let a = Mat {
                         ptr: cols,
                         rs: ld,
@@ -1360,7 +1378,7 @@ fn grad_weight(kb: &mut Kb, g: &ConvGeom) {
                     call_sgemm(kb, n_rows, og, p, a, b, c, og, accumulate);
                 } else {
                     // Columns c0·KH·KW.. of dw_g (Og×K) (+)= dy_g · colᵀ.
-                    let c = kb.offset(cg, c0, 4 * taps as i64);
+                    let c = kb.offset(cg, c0, e * taps as i64);
                     let a = Mat {
                         ptr: dyg,
                         rs: p,
@@ -1381,16 +1399,16 @@ fn grad_weight(kb: &mut Kb, g: &ConvGeom) {
         // dw[g·Og + o, j] = dwᵀ[g][j, o], a row of dw at a time.
         let groups = Bound::Const(g.a.groups as i64);
         kb.for_range(Bound::Const(0), groups, 1, &[], |kb, gi, _| {
-            let tg = kb.offset(t, gi, 4 * (k * og) as i64);
-            let dwg = kb.offset(dw, gi, 4 * (og * k) as i64);
+            let tg = kb.offset(t, gi, e * (k * og) as i64);
+            let dwg = kb.offset(dw, gi, e * (og * k) as i64);
             kb.for_range(
                 Bound::Const(0),
                 Bound::Const(og as i64),
                 1,
                 &[],
                 |kb, o, _| {
-                    let src = kb.offset(tg, o, 4);
-                    let dst = kb.offset(dwg, o, 4 * k as i64);
+                    let src = kb.offset(tg, o, e);
+                    let dst = kb.offset(dwg, o, e * k as i64);
                     span(kb, k, Pieces::Scalars, &mut |kb, ty, at| {
                         let (sp, so) = at.addr(kb, src, 0, og as i64);
                         let v = kb.load_out(ty, sp, so);

@@ -80,8 +80,19 @@
 //! here). Cranelift has no 256-bit vectors on x86, so going well below ~0.8 ms
 //! needs fewer multiplies or native AVX2 code. Stride 2 with scalar-lane gathers instead of shuffles measured
 //! 1.9× slower (dw2 forward 1.72 ms, dw4 0.83 ms).
+//!
+//! # f64
+//!
+//! The tiles above are f32x4's (their shuffles are four-lane). In f64 (gradient
+//! checks) all three kernels are plain scalar loops instead ([`scalar_kernel`]):
+//! per item, filter and output position, the valid taps from conv.rs's
+//! [`runs`]; the input gradient is a scatter into the zeroed `dx` plane, the
+//! weight gradient carries one sum per tap through the plane. The weight
+//! gradient's f32x4 scratch is then unused.
 
 use super::builder::{Bound, Kb, F32, F32X4};
+use super::conv::runs;
+use super::DType;
 use super::{Emit, Par};
 use crate::ir::{ConvAttrs, Graph, Node, Op, Shape};
 use cranelift_codegen::ir::{types, ConstantData, Endianness, InstBuilder, MemFlagsData, Value};
@@ -261,6 +272,9 @@ impl Emit for DepthwiseKernel {
 
     fn emit(&self, kb: &mut Kb) {
         let g = self.geom();
+        if kb.dt != DType::F32 {
+            return scalar_kernel(kb, &g, self);
+        }
         match self {
             DepthwiseKernel::Forward { .. } => forward(kb, &g),
             DepthwiseKernel::GradInput { .. } => grad_input(kb, &g),
@@ -1086,4 +1100,142 @@ fn hsum(kb: &mut Kb, v: Value) -> Value {
     let a = kb.b.ins().fadd(l[0], l[1]);
     let b = kb.b.ins().fadd(l[2], l[3]);
     kb.b.ins().fadd(a, b)
+}
+
+/// The three kernels as scalar loops in the kernel's element type (the f64
+/// path; see "f64" in the module doc). Buffers as [`DepthwiseKernel`]'s.
+fn scalar_kernel(kb: &mut Kb, g: &Geom, k: &DepthwiseKernel) {
+    let (e, st) = (kb.esz(), kb.sty());
+    let (c, mult, taps) = (g.c, g.mult, g.kh * g.kw);
+    let (xp, yp) = (e * (g.h * g.w) as i64, e * (g.oh * g.ow) as i64);
+    // In the forward convolution's roles: x, w, y (dx, w, dy; x, dw, dy).
+    let (x, w, y) = match k {
+        DepthwiseKernel::Forward { .. } => (kb.buffer(0), kb.buffer(1), kb.buffer(2)),
+        DepthwiseKernel::GradInput { .. } => (kb.buffer(2), kb.buffer(1), kb.buffer(0)),
+        DepthwiseKernel::GradWeight { .. } => (kb.buffer(0), kb.buffer(2), kb.buffer(1)),
+    };
+    let a = g.a;
+    let rows = runs(g.oh, g.h, g.kh, a.stride[0], a.pad[0], a.dilation[0]);
+    let cols = runs(g.ow, g.w, g.kw, a.stride[1], a.pad[1], a.dilation[1]);
+    let zero = kb.zero(st);
+    let grad_weight = matches!(k, DepthwiseKernel::GradWeight { .. });
+    if grad_weight {
+        each(kb, c * mult * taps, |kb, i| {
+            let p = kb.offset(w, i, e);
+            kb.store(zero, p, 0);
+        });
+    }
+    let (start, end) = (kb.start, kb.end);
+    kb.for_range(Bound::Val(start), Bound::Val(end), 1, &[], |kb, n, _| {
+        let xn = kb.offset(x, n, c as i64 * xp);
+        let yn = kb.offset(y, n, (c * mult) as i64 * yp);
+        if let DepthwiseKernel::GradInput { .. } = k {
+            kb.for_range(
+                Bound::Const(0),
+                Bound::Const((c * g.h * g.w) as i64),
+                1,
+                &[],
+                |kb, i, _| {
+                    let p = kb.offset(xn, i, e);
+                    kb.store(zero, p, 0);
+                    vec![]
+                },
+            );
+        }
+        each(kb, c, |kb, ci| {
+            let xc = kb.offset(xn, ci, xp);
+            each(kb, mult, |kb, m| {
+                let o = kb.b.ins().imul_imm_s(ci, mult as i64);
+                let o = kb.b.ins().iadd(o, m);
+                let yo = kb.offset(yn, o, yp);
+                let wo = kb.offset(w, o, e * taps as i64);
+                // The weights (forward, input gradient) or the weight
+                // gradient's running sums, one per tap.
+                let vals: Vec<Value> = (0..taps)
+                    .map(|t| {
+                        if grad_weight {
+                            kb.load_out(st, wo, e * t as i64)
+                        } else {
+                            kb.load_in(st, wo, e * t as i64)
+                        }
+                    })
+                    .collect();
+                let init = if grad_weight { vals.clone() } else { vec![] };
+                let mut sums = init;
+                for r in &rows {
+                    sums = kb.for_range(
+                        Bound::Const(r.o0 as i64),
+                        Bound::Const(r.o1 as i64),
+                        1,
+                        &sums,
+                        |kb, oh, acc| {
+                            let xr = kb.offset(xc, oh, e * (a.stride[0] * g.w) as i64);
+                            let yr = kb.offset(yo, oh, e * g.ow as i64);
+                            let mut acc = acc.to_vec();
+                            for cr in &cols {
+                                acc = kb.for_range(
+                                    Bound::Const(cr.o0 as i64),
+                                    Bound::Const(cr.o1 as i64),
+                                    1,
+                                    &acc,
+                                    |kb, ow, acc| {
+                                        let xq = kb.offset(xr, ow, e * a.stride[1] as i64);
+                                        let yq = kb.offset(yr, ow, e);
+                                        let mut acc = acc.to_vec();
+                                        let mut sum = None;
+                                        let dy = match k {
+                                            DepthwiseKernel::Forward { .. } => None,
+                                            _ => Some(kb.load_in(st, yq, 0)),
+                                        };
+                                        for kh in r.k0..r.k1 {
+                                            for kw in cr.k0..cr.k1 {
+                                                let t = kh * g.kw + kw;
+                                                let ih =
+                                                    (kh * a.dilation[0]) as i64 - a.pad[0] as i64;
+                                                let iw =
+                                                    (kw * a.dilation[1]) as i64 - a.pad[1] as i64;
+                                                let off = e * (ih * g.w as i64 + iw);
+                                                match (k, dy) {
+                                                    (DepthwiseKernel::Forward { .. }, _) => {
+                                                        let v = kb.load_in(st, xq, off);
+                                                        sum = Some(match sum {
+                                                            None => kb.b.ins().fmul(v, vals[t]),
+                                                            Some(s) => kb.fma(v, vals[t], s),
+                                                        });
+                                                    }
+                                                    (
+                                                        DepthwiseKernel::GradInput { .. },
+                                                        Some(d),
+                                                    ) => {
+                                                        let old = kb.load_out(st, xq, off);
+                                                        let new = kb.fma(d, vals[t], old);
+                                                        kb.store(new, xq, off);
+                                                    }
+                                                    (_, Some(d)) => {
+                                                        let v = kb.load_in(st, xq, off);
+                                                        acc[t] = kb.fma(d, v, acc[t]);
+                                                    }
+                                                    _ => unreachable!("dy is loaded"),
+                                                }
+                                            }
+                                        }
+                                        if let DepthwiseKernel::Forward { .. } = k {
+                                            let v = sum.unwrap_or(zero);
+                                            kb.store(v, yq, 0);
+                                        }
+                                        acc
+                                    },
+                                );
+                            }
+                            acc
+                        },
+                    );
+                }
+                for (t, &v) in sums.iter().enumerate() {
+                    kb.store(v, wo, e * t as i64);
+                }
+            });
+        });
+        vec![]
+    });
 }

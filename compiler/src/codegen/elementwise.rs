@@ -2,14 +2,14 @@
 //! add, the bias add with an optional fused ReLU (the linear/conv epilogue), the
 //! bias gradient (a reduction over the batch) and the plain copy. Each walks the
 //! batch items of its work range; within an item the element count is a constant,
-//! covered by an f32x4 loop unrolled four times, then the remaining vectors and a
-//! scalar tail, all emitted straight-line.
+//! covered by a vector loop (f32x4, or f64x2 in f64) unrolled four times, then the
+//! remaining vectors and a scalar tail, all emitted straight-line.
 //!
 //! Every kernel rounds as the interpreter does per element (the same operations
 //! in the same order), except the bias gradient, whose sums are taken in another
 //! order (f32x4 partial sums, then the lanes).
 
-use super::builder::{Bound, Kb, F32, F32X4};
+use super::builder::{Bound, Kb};
 use super::{Emit, Par};
 use crate::ir::{Act, Graph, Node, Op, Shape};
 use cranelift_codegen::ir::condcodes::FloatCC;
@@ -147,10 +147,8 @@ impl Emit for ElemKernel {
         match self {
             ElemKernel::Relu { .. } => relu(kb, item(shape)),
             ElemKernel::ReluGrad { .. } => relu_grad(kb, item(shape)),
-            ElemKernel::LeakyRelu { slope, .. } => leaky_relu(kb, item(shape), *slope as f32),
-            ElemKernel::LeakyReluGrad { slope, .. } => {
-                leaky_relu_grad(kb, item(shape), *slope as f32)
-            }
+            ElemKernel::LeakyRelu { slope, .. } => leaky_relu(kb, item(shape), *slope),
+            ElemKernel::LeakyReluGrad { slope, .. } => leaky_relu_grad(kb, item(shape), *slope),
             ElemKernel::BiasAct { relu, .. } => {
                 bias_act(kb, shape[1], shape[2..].iter().product(), *relu)
             }
@@ -166,19 +164,21 @@ fn item(shape: &Shape) -> usize {
     shape[1..].iter().product()
 }
 
-/// The body of an elementwise loop: one f32x4 or f32 (the `Type`) at a byte
-/// offset from each buffer pointer.
+/// The body of an elementwise loop: one vector or scalar of the element type
+/// (the `Type`) at a byte offset from each buffer pointer.
 pub(crate) type PerVector<'f> = dyn FnMut(&mut Kb, Type, &[Value], i64) + 'f;
 
 /// Vectors per iteration of the unrolled main loop.
 const UNROLL: usize = 4;
 
-/// Emits `f` over `len` consecutive f32 elements starting at byte pointers
+/// Emits `f` over `len` consecutive elements starting at byte pointers
 /// `ptrs` (one per buffer, all advancing together): the unrolled vector loop, the
 /// leftover vectors, then scalars. `f(kb, ty, ptrs, byte_offset)` handles one
-/// f32x4 or f32 at `byte_offset` from each pointer.
+/// vector or scalar at `byte_offset` from each pointer.
 pub(crate) fn over_elements(kb: &mut Kb, ptrs: &[Value], len: usize, f: &mut PerVector) {
-    let block = 4 * UNROLL;
+    let (lanes, e, vt, st) = (kb.lanes(), kb.esz(), kb.vty(), kb.sty());
+    let vb = 16;
+    let block = lanes * UNROLL;
     let full = len / block;
     if full > 0 {
         let ptrs_owned = ptrs.to_vec();
@@ -188,49 +188,52 @@ pub(crate) fn over_elements(kb: &mut Kb, ptrs: &[Value], len: usize, f: &mut Per
             block as i64,
             &[],
             |kb, i, _| {
-                let here: Vec<Value> = ptrs_owned.iter().map(|&p| kb.offset(p, i, 4)).collect();
+                let here: Vec<Value> = ptrs_owned.iter().map(|&p| kb.offset(p, i, e)).collect();
                 for u in 0..UNROLL {
-                    f(kb, F32X4, &here, 16 * u as i64);
+                    f(kb, vt, &here, vb * u as i64);
                 }
                 vec![]
             },
         );
     }
     let mut at = full * block;
-    while at + 4 <= len {
-        f(kb, F32X4, ptrs, 4 * at as i64);
-        at += 4;
+    while at + lanes <= len {
+        f(kb, vt, ptrs, e * at as i64);
+        at += lanes;
     }
     while at < len {
-        f(kb, F32, ptrs, 4 * at as i64);
+        f(kb, st, ptrs, e * at as i64);
         at += 1;
     }
 }
 
-/// f32x4 accumulators a sum of `len` elements uses (the rest is one f32).
-fn sum_vectors(len: usize) -> usize {
-    (len / 4).min(UNROLL)
+/// Vector accumulators a sum of `len` elements uses (the rest is one scalar).
+fn sum_vectors(kb: &Kb, len: usize) -> usize {
+    (len / kb.lanes()).min(UNROLL)
 }
 
 /// Zeroed accumulators for [`sum_elements`] over runs of `len` elements:
-/// [`sum_vectors`]`(len)` f32x4, then one f32 when `len` is not a multiple of 4.
+/// [`sum_vectors`]`(len)` vectors, then one scalar when `len` is not a multiple
+/// of the lanes.
 pub(crate) fn sum_init(kb: &mut Kb, len: usize) -> Vec<Value> {
-    let zv = kb.zero(F32X4);
-    let zs = kb.zero(F32);
-    let mut acc = vec![zv; sum_vectors(len)];
-    if !len.is_multiple_of(4) {
+    let (vt, st) = (kb.vty(), kb.sty());
+    let zv = kb.zero(vt);
+    let zs = kb.zero(st);
+    let mut acc = vec![zv; sum_vectors(kb, len)];
+    if !len.is_multiple_of(kb.lanes()) {
         acc.push(zs);
     }
     acc
 }
 
-/// Adds the `len` consecutive f32 at `ptr` (an input) into the accumulators of
-/// [`sum_init`]`(len)` and returns them: an unrolled f32x4 loop, the leftover
-/// vectors and the scalar tail, straight-line.
+/// Adds the `len` consecutive elements at `ptr` (an input) into the
+/// accumulators of [`sum_init`]`(len)` and returns them: an unrolled vector
+/// loop, the leftover vectors and the scalar tail, straight-line.
 pub(crate) fn sum_elements(kb: &mut Kb, ptr: Value, len: usize, acc: &[Value]) -> Vec<Value> {
-    let nv = sum_vectors(len);
+    let nv = sum_vectors(kb, len);
+    let (lanes, e, vt, st) = (kb.lanes(), kb.esz(), kb.vty(), kb.sty());
     let mut acc = acc.to_vec();
-    let block = 4 * UNROLL;
+    let block = lanes * UNROLL;
     let full = len / block;
     if full > 0 {
         let vecs = acc[..UNROLL].to_vec();
@@ -240,10 +243,10 @@ pub(crate) fn sum_elements(kb: &mut Kb, ptr: Value, len: usize, acc: &[Value]) -
             block as i64,
             &vecs,
             |kb, i, a| {
-                let p = kb.offset(ptr, i, 4);
+                let p = kb.offset(ptr, i, e);
                 (0..UNROLL)
                     .map(|u| {
-                        let v = kb.load_in(F32X4, p, 16 * u as i64);
+                        let v = kb.load_in(vt, p, 16 * u as i64);
                         kb.b.ins().fadd(a[u], v)
                     })
                     .collect()
@@ -253,14 +256,14 @@ pub(crate) fn sum_elements(kb: &mut Kb, ptr: Value, len: usize, acc: &[Value]) -
     }
     let mut at = full * block;
     let mut u = 0;
-    while at + 4 <= len {
-        let v = kb.load_in(F32X4, ptr, 4 * at as i64);
+    while at + lanes <= len {
+        let v = kb.load_in(vt, ptr, e * at as i64);
         acc[u] = kb.b.ins().fadd(acc[u], v);
         u += 1;
-        at += 4;
+        at += lanes;
     }
     while at < len {
-        let v = kb.load_in(F32, ptr, 4 * at as i64);
+        let v = kb.load_in(st, ptr, e * at as i64);
         acc[nv] = kb.b.ins().fadd(acc[nv], v);
         at += 1;
     }
@@ -270,11 +273,13 @@ pub(crate) fn sum_elements(kb: &mut Kb, ptr: Value, len: usize, acc: &[Value]) -
 /// The total of [`sum_elements`]' accumulators: the vectors added pairwise, the
 /// lanes (`extractlane`) pairwise, then the scalar.
 pub(crate) fn sum_finish(kb: &mut Kb, len: usize, acc: &[Value]) -> Value {
-    let nv = sum_vectors(len);
+    let nv = sum_vectors(kb, len);
     let mut total = None;
     if nv > 0 {
         let v = tree(kb, acc[..nv].to_vec());
-        let lanes: Vec<Value> = (0..4u8).map(|l| kb.b.ins().extractlane(v, l)).collect();
+        let lanes: Vec<Value> = (0..kb.lanes() as u8)
+            .map(|l| kb.b.ins().extractlane(v, l))
+            .collect();
         total = Some(tree(kb, lanes));
     }
     if nv < acc.len() {
@@ -283,7 +288,8 @@ pub(crate) fn sum_finish(kb: &mut Kb, len: usize, acc: &[Value]) -> Value {
             None => acc[nv],
         });
     }
-    total.unwrap_or_else(|| kb.zero(F32))
+    let st = kb.sty();
+    total.unwrap_or_else(|| kb.zero(st))
 }
 
 /// The sum of `v` (non-empty) as a balanced tree of adds.
@@ -308,18 +314,12 @@ fn tree(kb: &mut Kb, mut v: Vec<Value>) -> Value {
 fn select_positive(kb: &mut Kb, ty: Type, x: Value, a: Value, b: Value) -> Value {
     let zero = kb.zero(ty);
     let gt = kb.b.ins().fcmp(FloatCC::GreaterThan, x, zero);
-    if ty == F32 {
+    if !ty.is_vector() {
         kb.b.ins().select(gt, a, b)
     } else {
         let mask = kb.b.ins().bitcast(ty, MemFlagsData::new(), gt);
         kb.b.ins().bitselect(mask, a, b)
     }
-}
-
-/// `k` as a value of `ty` (`F32` or `F32X4`).
-fn constant(kb: &mut Kb, ty: Type, k: f32) -> Value {
-    let s = kb.b.ins().f32const(k);
-    kb.splat(ty, s)
 }
 
 /// `y = max(x, 0)` (NaN → 0, as the interpreter) over `[batch, item]` tensors.
@@ -345,11 +345,11 @@ fn relu_grad(kb: &mut Kb, item: usize) {
 }
 
 /// `y = x > 0 ? x : x·slope`. Buffers: `x`, `y`.
-fn leaky_relu(kb: &mut Kb, item: usize, slope: f32) {
+fn leaky_relu(kb: &mut Kb, item: usize, slope: f64) {
     let (x, y) = (kb.buffer(0), kb.buffer(1));
     per_item(kb, item, &[x, y], &mut |kb, ty, p, off| {
         let v = kb.load_in(ty, p[0], off);
-        let s = constant(kb, ty, slope);
+        let s = kb.real(ty, slope);
         let scaled = kb.b.ins().fmul(v, s);
         let r = select_positive(kb, ty, v, v, scaled);
         kb.store(r, p[1], off);
@@ -357,12 +357,12 @@ fn leaky_relu(kb: &mut Kb, item: usize, slope: f32) {
 }
 
 /// `dx = x > 0 ? dy : dy·slope`. Buffers: `dy`, `x`, `dx`.
-fn leaky_relu_grad(kb: &mut Kb, item: usize, slope: f32) {
+fn leaky_relu_grad(kb: &mut Kb, item: usize, slope: f64) {
     let ptrs = [kb.buffer(0), kb.buffer(1), kb.buffer(2)];
     per_item(kb, item, &ptrs, &mut |kb, ty, p, off| {
         let dy = kb.load_in(ty, p[0], off);
         let x = kb.load_in(ty, p[1], off);
-        let s = constant(kb, ty, slope);
+        let s = kb.real(ty, slope);
         let scaled = kb.b.ins().fmul(dy, s);
         let r = select_positive(kb, ty, x, dy, scaled);
         kb.store(r, p[2], off);
@@ -397,23 +397,24 @@ fn bias_act(kb: &mut Kb, channels: usize, inner: usize, relu: bool) {
     let (x, b, y) = (kb.buffer(0), kb.buffer(1), kb.buffer(2));
     let (start, end) = (kb.start, kb.end);
     let item = (channels * inner) as i64;
+    let (e, vt, st) = (kb.esz(), kb.vty(), kb.sty());
     kb.for_range(Bound::Val(start), Bound::Val(end), 1, &[], |kb, n, _| {
-        let xn = kb.offset(x, n, 4 * item);
-        let yn = kb.offset(y, n, 4 * item);
+        let xn = kb.offset(x, n, e * item);
+        let yn = kb.offset(y, n, e * item);
         kb.for_range(
             Bound::Const(0),
             Bound::Const(channels as i64),
             1,
             &[],
             |kb, c, _| {
-                let xc = kb.offset(xn, c, 4 * inner as i64);
-                let yc = kb.offset(yn, c, 4 * inner as i64);
-                let bc = kb.offset(b, c, 4);
-                let bias = kb.load_in(F32, bc, 0);
-                let bias4 = kb.splat(F32X4, bias);
+                let xc = kb.offset(xn, c, e * inner as i64);
+                let yc = kb.offset(yn, c, e * inner as i64);
+                let bc = kb.offset(b, c, e);
+                let bias = kb.load_in(st, bc, 0);
+                let bias4 = kb.splat(vt, bias);
                 over_elements(kb, &[xc, yc], inner, &mut |kb, ty, p, off| {
                     let v = kb.load_in(ty, p[0], off);
-                    let bv = if ty == F32 { bias } else { bias4 };
+                    let bv = if !ty.is_vector() { bias } else { bias4 };
                     let mut r = kb.b.ins().fadd(v, bv);
                     if relu {
                         r = kb.where_positive(ty, r, r);
@@ -436,7 +437,8 @@ fn bias_act(kb: &mut Kb, channels: usize, inner: usize, relu: bool) {
 fn bias_grad(kb: &mut Kb, channels: usize, inner: usize) {
     let (dy, db) = (kb.buffer(0), kb.buffer(1));
     let (start, end) = (kb.start, kb.end);
-    let item = 4 * (channels * inner) as i64;
+    let e = kb.esz();
+    let item = e * (channels * inner) as i64;
     if inner == 1 {
         return column_sums(kb, dy, db, channels);
     }
@@ -446,14 +448,14 @@ fn bias_grad(kb: &mut Kb, channels: usize, inner: usize) {
         1,
         &[],
         |kb, c, _| {
-            let dyc = kb.offset(dy, c, 4 * inner as i64);
+            let dyc = kb.offset(dy, c, e * inner as i64);
             let init = sum_init(kb, inner);
             let acc = kb.for_range(Bound::Val(start), Bound::Val(end), 1, &init, |kb, n, a| {
                 let p = kb.offset(dyc, n, item);
                 sum_elements(kb, p, inner, a)
             });
             let total = sum_finish(kb, inner, &acc);
-            let dbc = kb.offset(db, c, 4);
+            let dbc = kb.offset(db, c, e);
             kb.store(total, dbc, 0);
             vec![]
         },
@@ -461,14 +463,15 @@ fn bias_grad(kb: &mut Kb, channels: usize, inner: usize) {
 }
 
 /// `db[c] = Σ_{n in start..end} dy[n, c]` for `dy[N, C]`: blocks of `UNROLL`
-/// f32x4 columns in a loop, then the leftover vectors and the scalar columns,
+/// vector columns in a loop, then the leftover vectors and the scalar columns,
 /// each block summing down the rows.
 fn column_sums(kb: &mut Kb, dy: Value, db: Value, channels: usize) {
     let (start, end) = (kb.start, kb.end);
-    let row = 4 * channels as i64;
+    let (lanes, e, vt, st) = (kb.lanes(), kb.esz(), kb.vty(), kb.sty());
+    let row = e * channels as i64;
     // Sums `nv` columns of type `ty` starting at byte `col` of `base`.
     let block = |kb: &mut Kb, base_dy: Value, base_db: Value, col: i64, ty: Type, nv: usize| {
-        let step = if ty == F32X4 { 16 } else { 4 };
+        let step = if ty.is_vector() { 16 } else { e };
         let z = kb.zero(ty);
         let init = vec![z; nv];
         let acc = kb.for_range(Bound::Val(start), Bound::Val(end), 1, &init, |kb, n, a| {
@@ -484,7 +487,7 @@ fn column_sums(kb: &mut Kb, dy: Value, db: Value, channels: usize) {
             kb.store(a, base_db, col + v as i64 * step);
         }
     };
-    let cols = 4 * UNROLL;
+    let cols = lanes * UNROLL;
     let full = channels / cols * cols;
     kb.for_range(
         Bound::Const(0),
@@ -492,31 +495,32 @@ fn column_sums(kb: &mut Kb, dy: Value, db: Value, channels: usize) {
         cols as i64,
         &[],
         |kb, c, _| {
-            let pdy = kb.offset(dy, c, 4);
-            let pdb = kb.offset(db, c, 4);
-            block(kb, pdy, pdb, 0, F32X4, UNROLL);
+            let pdy = kb.offset(dy, c, e);
+            let pdb = kb.offset(db, c, e);
+            block(kb, pdy, pdb, 0, vt, UNROLL);
             vec![]
         },
     );
-    let vecs = (channels - full) / 4;
+    let vecs = (channels - full) / lanes;
     if vecs > 0 {
-        block(kb, dy, db, 4 * full as i64, F32X4, vecs);
+        block(kb, dy, db, e * full as i64, vt, vecs);
     }
-    let at = full + 4 * vecs;
+    let at = full + lanes * vecs;
     if at < channels {
-        block(kb, dy, db, 4 * at as i64, F32, channels - at);
+        block(kb, dy, db, e * at as i64, st, channels - at);
     }
 }
 
 /// Runs `f` over the `item` elements of each batch item in the work range; every
-/// buffer holds `item` f32 per batch item.
+/// buffer holds `item` elements per batch item.
 fn per_item(kb: &mut Kb, item: usize, bufs: &[Value], f: &mut PerVector) {
     let (start, end) = (kb.start, kb.end);
+    let e = kb.esz();
     let bufs = bufs.to_vec();
     kb.for_range(Bound::Val(start), Bound::Val(end), 1, &[], |kb, n, _| {
         let here: Vec<Value> = bufs
             .iter()
-            .map(|&p| kb.offset(p, n, 4 * item as i64))
+            .map(|&p| kb.offset(p, n, e * item as i64))
             .collect();
         over_elements(kb, &here, item, f);
         vec![]

@@ -7,9 +7,15 @@
 //!
 //! The buffer-pointer table of every (step, thread) is built once, when the
 //! arena is allocated, so a run does no allocation and no lookups.
+//!
+//! An executable computes in f32 ([`Executable::new`], [`Executable::with_pool`])
+//! or, for gradient checks, in f64 ([`Executable::with_dtype`]): the same plan
+//! (buffer offsets and lengths count elements), every kernel compiled for the
+//! element type, the arena holding that type, and the native steps run on it;
+//! [`Executable::feed_f64`] and [`Executable::get_f64`] move f64 data.
 
 use super::plan::{reduce_chunks, BufRole, Plan, StepKind};
-use super::{Jit, KernelFn, OptLevel, Par};
+use super::{DType, Elem, Jit, KernelFn, OptLevel, Par};
 use crate::ir::Graph;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,8 +95,12 @@ pub struct Executable {
     funcs: Vec<Option<KernelFn>>,
     /// Per step, per thread.
     tables: Vec<Vec<Table>>,
-    arena: Vec<f32>,
-    /// Index of the arena's first 64-byte aligned element.
+    /// The element type of every buffer.
+    dtype: DType,
+    /// Storage for `plan.arena_len` elements of `dtype` from `base` (8-byte
+    /// words, so aligned for either type).
+    arena: Vec<f64>,
+    /// Index (in `dtype` elements) of the arena's first 64-byte aligned element.
     base: usize,
     pool: Option<Arc<rayon::ThreadPool>>,
     profile: Option<Vec<Duration>>,
@@ -107,6 +117,14 @@ impl Executable {
     /// Like [`Executable::new`], running on a pool shared with other executables
     /// (one model's training and inference graphs at several batch sizes).
     pub fn with_pool(g: &Graph, pool: &ThreadPool) -> Result<Executable, String> {
+        Executable::with_dtype(g, pool, DType::F32)
+    }
+
+    /// Like [`Executable::with_pool`], computing in `dtype`: with
+    /// [`DType::F64`] every kernel and native step runs in f64 (for gradient
+    /// checks), fed with [`Executable::feed_f64`] and read with
+    /// [`Executable::get_f64`].
+    pub fn with_dtype(g: &Graph, pool: &ThreadPool, dtype: DType) -> Result<Executable, String> {
         let t0 = Instant::now();
         let threads = pool.threads;
         let plan = Plan::new(g, threads);
@@ -121,7 +139,7 @@ impl Executable {
             funcs.push(match &s.kind {
                 StepKind::Jit(spec) => {
                     let name = format!("k{i}_{}", s.ops.replace('+', "_"));
-                    let id = jit.compile(&name, spec.clone())?;
+                    let id = jit.compile_dtype(&name, spec.clone(), dtype)?;
                     // SAFETY: the pointer lives as long as `jit`, which the
                     // executable owns; it is only called with the step's buffers.
                     Some(unsafe { jit.raw(id) })
@@ -129,14 +147,16 @@ impl Executable {
                 StepKind::Native(_) => None,
             });
         }
-        let arena = vec![0f32; plan.arena_len + 16];
-        let base = (arena.as_ptr() as usize).wrapping_neg() % 64 / 4;
+        let bytes = dtype.bytes();
+        let arena = vec![0f64; ((plan.arena_len + 16) * bytes).div_ceil(8)];
+        let base = (arena.as_ptr() as usize).wrapping_neg() % 64 / bytes;
         let pool = pool.pool.clone();
         let mut exe = Executable {
             plan,
             jit,
             funcs,
             tables: Vec::new(),
+            dtype,
             arena,
             base,
             pool,
@@ -148,12 +168,21 @@ impl Executable {
         Ok(exe)
     }
 
+    /// The address of element `at` (of the executable's type) of the arena.
+    fn elem_ptr(&mut self, at: usize) -> *mut u8 {
+        let root = self.arena.as_mut_ptr() as *mut u8;
+        // SAFETY: callers pass `base + offset` of a buffer, whose elements lie
+        // inside the arena (layout guarantees offset + len <= arena_len).
+        unsafe { root.add(at * self.dtype.bytes()) }
+    }
+
     fn build_tables(&mut self) {
-        let root = self.arena.as_mut_ptr();
+        let root = self.elem_ptr(0);
+        let bytes = self.dtype.bytes();
         let ptr = |plan: &Plan, b: usize| -> *mut f32 {
             // SAFETY: every buffer lies inside the arena (layout guarantees
             // offset + len <= arena_len).
-            unsafe { root.add(self.base + plan.bufs[b].offset) }
+            unsafe { root.add((self.base + plan.bufs[b].offset) * bytes) as *mut f32 }
         };
         let mut tables = Vec::with_capacity(self.plan.steps.len());
         let threads = self.plan.threads;
@@ -209,8 +238,31 @@ impl Executable {
         self.plan.feeds.iter().any(|(n, _)| n == name)
     }
 
-    /// Copies `data` into the input, parameter or buffer `name`.
+    /// The element type the executable computes in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Copies `data` into the input, parameter or buffer `name` (an f32
+    /// executable).
     pub fn feed(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
+        self.feed_typed(name, data)
+    }
+
+    /// [`Executable::feed`] for an f64 executable.
+    pub fn feed_f64(&mut self, name: &str, data: &[f64]) -> Result<(), String> {
+        self.feed_typed(name, data)
+    }
+
+    /// [`Executable::feed`] in the executable's element type.
+    pub fn feed_typed<T: Elem>(&mut self, name: &str, data: &[T]) -> Result<(), String> {
+        if T::DTYPE != self.dtype {
+            return Err(format!(
+                "`{name}` is fed {} numbers, the executable computes in {}",
+                T::DTYPE.name(),
+                self.dtype.name()
+            ));
+        }
         let b = self
             .plan
             .feeds
@@ -227,17 +279,40 @@ impl Executable {
                 buf.len()
             ));
         }
-        let at = self.base + buf.offset;
-        self.arena[at..at + data.len()].copy_from_slice(data);
+        let (at, len) = (self.base + buf.offset, buf.len());
+        let dst = self.elem_ptr(at) as *mut T;
+        // SAFETY: the buffer's `len` elements of type T lie inside the arena,
+        // which is borrowed mutably here.
+        unsafe { std::slice::from_raw_parts_mut(dst, len) }.copy_from_slice(data);
         Ok(())
     }
 
-    /// A named graph output after [`Executable::run`] (or any feed).
+    /// A named graph output after [`Executable::run`] (or any feed), of an f32
+    /// executable (`None` for an f64 one: see [`Executable::get_f64`]).
     pub fn get(&self, name: &str) -> Option<&[f32]> {
+        self.get_typed(name)
+    }
+
+    /// [`Executable::get`] for an f64 executable (`None` for an f32 one).
+    pub fn get_f64(&self, name: &str) -> Option<&[f64]> {
+        self.get_typed(name)
+    }
+
+    /// [`Executable::get`] in the executable's element type (`None` for the
+    /// other type).
+    pub fn get_typed<T: Elem>(&self, name: &str) -> Option<&[T]> {
+        if T::DTYPE != self.dtype {
+            return None;
+        }
         let b = self.plan.buf(name)?;
         let buf = &self.plan.bufs[b];
         let at = self.base + buf.offset;
-        Some(&self.arena[at..at + buf.len()])
+        let root = self.arena.as_ptr() as *const u8;
+        // SAFETY: the buffer's elements of type T lie inside the arena (the
+        // element size is the executable's), borrowed shared with `self`.
+        Some(unsafe {
+            std::slice::from_raw_parts(root.add(at * self.dtype.bytes()) as *const T, buf.len())
+        })
     }
 
     /// Starts (or stops) timing every step; times add up over runs.
@@ -264,23 +339,10 @@ impl Executable {
     fn run_step(&mut self, si: usize) {
         let step = &self.plan.steps[si];
         match &step.kind {
-            StepKind::Native(n) => {
-                let base = self.base;
-                let bufs = &self.plan.bufs;
-                let arena = self.arena.as_mut_ptr();
-                let slice = |b: usize| {
-                    let buf = &bufs[b];
-                    // SAFETY: buffers of one step never overlap (their lifetimes
-                    // intersect at this step), and each lies inside the arena.
-                    unsafe {
-                        std::slice::from_raw_parts_mut(arena.add(base + buf.offset), buf.len())
-                    }
-                };
-                let ins: Vec<&[f32]> = step.args[..step.n_in].iter().map(|&b| &*slice(b)).collect();
-                let mut outs: Vec<&mut [f32]> =
-                    step.args[step.n_in..].iter().map(|&b| slice(b)).collect();
-                n.run(&ins, &mut outs);
-            }
+            StepKind::Native(_) => match self.dtype {
+                DType::F32 => self.run_native::<f32>(si),
+                DType::F64 => self.run_native::<f64>(si),
+            },
             StepKind::Jit(spec) => {
                 let f = self.funcs[si].expect("jit steps have a kernel");
                 let work = spec.work();
@@ -328,10 +390,38 @@ impl Executable {
         }
     }
 
+    /// Runs native step `si` on the arena's buffers, of element type `T`.
+    fn run_native<T: Elem>(&mut self, si: usize) {
+        let step = &self.plan.steps[si];
+        let StepKind::Native(n) = &step.kind else {
+            unreachable!("a native step")
+        };
+        let base = self.base;
+        let bufs = &self.plan.bufs;
+        let arena = self.arena.as_mut_ptr() as *mut T;
+        let slice = |b: usize| {
+            let buf = &bufs[b];
+            // SAFETY: buffers of one step never overlap (their lifetimes
+            // intersect at this step), and each lies inside the arena, whose
+            // elements are of type T.
+            unsafe { std::slice::from_raw_parts_mut(arena.add(base + buf.offset), buf.len()) }
+        };
+        let ins: Vec<&[T]> = step.args[..step.n_in].iter().map(|&b| &*slice(b)).collect();
+        let mut outs: Vec<&mut [T]> = step.args[step.n_in..].iter().map(|&b| slice(b)).collect();
+        n.run(&ins, &mut outs);
+    }
+
     /// Adds the partial outputs of chunks 1.. to chunk 0's, in chunk order.
     fn add_partials(&mut self, si: usize, chunks: usize, size: usize, work: usize) {
+        match self.dtype {
+            DType::F32 => self.add_partials_typed::<f32>(si, chunks, size, work),
+            DType::F64 => self.add_partials_typed::<f64>(si, chunks, size, work),
+        }
+    }
+
+    fn add_partials_typed<T: Elem>(&mut self, si: usize, chunks: usize, size: usize, work: usize) {
         let step = &self.plan.steps[si];
-        let arena = self.arena.as_mut_ptr();
+        let arena = self.arena.as_mut_ptr() as *mut T;
         for (j, &out) in step.args[step.n_in..].iter().enumerate() {
             let dst = self.base + self.plan.bufs[out].offset;
             let len = self.plan.bufs[out].len();
@@ -347,7 +437,7 @@ impl Executable {
                         std::slice::from_raw_parts(arena.add(src), len),
                     )
                 };
-                d.iter_mut().zip(p).for_each(|(d, p)| *d += p);
+                d.iter_mut().zip(p).for_each(|(d, &p)| *d += p);
             }
         }
     }

@@ -13,6 +13,12 @@
 //! `bufs` holds one pointer per buffer (the inputs, then the outputs, in the order
 //! of [`KernelSpec::inputs`] and [`KernelSpec::outputs`]) and the call computes
 //! batch items `start..end`, so the runtime can split a batch across threads.
+//!
+//! A kernel is compiled for one element type, [`DType`]: f32 (training and
+//! inference) or f64 (gradient checks: the same kernels with f64/f64x2 values and
+//! 8-byte elements, and `dgemm` for the matrix products; the buffers are then
+//! `f64` although the ABI's pointer type says `f32`). Shapes, scratch sizes and
+//! plans count elements, so they do not depend on the element type.
 
 mod builder;
 pub mod conv;
@@ -36,6 +42,123 @@ use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Module};
 use std::fmt::Write as _;
 use std::ops::Range;
+
+/// The element type a kernel (or a whole executable) computes in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// f32 values, f32x4 vectors: training and inference.
+    #[default]
+    F32,
+    /// f64 values, f64x2 vectors: gradient checks (exactness, not speed).
+    F64,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+
+    /// Lanes of a 128-bit vector.
+    pub fn lanes(self) -> usize {
+        16 / self.bytes()
+    }
+
+    /// `f32` or `f64`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+        }
+    }
+
+    /// The Cranelift scalar type.
+    pub(crate) fn scalar(self) -> cranelift_codegen::ir::Type {
+        match self {
+            DType::F32 => cranelift_codegen::ir::types::F32,
+            DType::F64 => cranelift_codegen::ir::types::F64,
+        }
+    }
+
+    /// The Cranelift 128-bit vector type.
+    pub(crate) fn vector(self) -> cranelift_codegen::ir::Type {
+        match self {
+            DType::F32 => cranelift_codegen::ir::types::F32X4,
+            DType::F64 => cranelift_codegen::ir::types::F64X2,
+        }
+    }
+}
+
+/// The Rust element types of the kernels: `f32` and `f64`.
+pub trait Elem: crate::interp::Scalar + std::ops::AddAssign + std::ops::SubAssign {
+    const DTYPE: DType;
+
+    /// `C = A·B` or `C += A·B` of this type ([`gemm::sgemm`] or
+    /// [`gemm::dgemm`]).
+    ///
+    /// # Safety
+    /// As for [`gemm::sgemm`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        c: *mut Self,
+        ldc: isize,
+        accumulate: u32,
+    );
+}
+
+impl Elem for f32 {
+    const DTYPE: DType = DType::F32;
+    unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        c: *mut f32,
+        ldc: isize,
+        accumulate: u32,
+    ) {
+        // SAFETY: the caller's contract is sgemm's.
+        unsafe { gemm::sgemm(m, n, k, a, rsa, csa, b, rsb, csb, c, ldc, accumulate) }
+    }
+}
+
+impl Elem for f64 {
+    const DTYPE: DType = DType::F64;
+    unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        c: *mut f64,
+        ldc: isize,
+        accumulate: u32,
+    ) {
+        // SAFETY: the caller's contract is dgemm's (the same as sgemm's).
+        unsafe { gemm::dgemm(m, n, k, a, rsa, csa, b, rsb, csb, c, ldc, accumulate) }
+    }
+}
 
 /// The instruction-set features the JIT compiles for (detected on the host).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,8 +233,9 @@ pub(crate) trait Emit {
     fn inputs(&self) -> Vec<Shape>;
     /// The output buffers' shapes, in buffer order (after the inputs).
     fn outputs(&self) -> Vec<Shape>;
-    /// f32 elements of scratch one call needs (the last buffer, after the
-    /// outputs; one per thread). Its contents are undefined on entry.
+    /// Elements of scratch one call needs (the last buffer, after the outputs;
+    /// one per thread), whatever the element type. Its contents are undefined on
+    /// entry.
     fn scratch(&self) -> usize {
         0
     }
@@ -172,7 +296,7 @@ impl KernelSpec {
         self.emitter().outputs()
     }
 
-    /// f32 elements of per-call scratch (the buffer after the outputs).
+    /// Elements of per-call scratch (the buffer after the outputs).
     pub fn scratch(&self) -> usize {
         self.emitter().scratch()
     }
@@ -229,6 +353,8 @@ pub struct Kernel {
     /// The machine code as Cranelift's VCode text, when disassembly was requested
     /// ([`Jit::set_disasm`]).
     pub disasm: Option<String>,
+    /// The element type of its buffers.
+    pub dtype: DType,
     func: KernelFn,
 }
 
@@ -328,8 +454,18 @@ impl Jit {
         self.module.as_mut().expect("module lives until drop")
     }
 
-    /// Compiles one kernel and makes it callable.
+    /// Compiles one f32 kernel and makes it callable.
     pub fn compile(&mut self, name: &str, spec: KernelSpec) -> Result<KernelId, String> {
+        self.compile_dtype(name, spec, DType::F32)
+    }
+
+    /// Compiles one kernel whose buffers hold `dtype` elements.
+    pub fn compile_dtype(
+        &mut self,
+        name: &str,
+        spec: KernelSpec,
+        dtype: DType,
+    ) -> Result<KernelId, String> {
         spec.validate()?;
         let fma = self.isa.native_fma;
         let sig = builder::kernel_signature(self.module().make_signature());
@@ -343,7 +479,7 @@ impl Jit {
         self.ctx.func.name = UserFuncName::user(0, id.as_u32());
         self.ctx.set_disasm(self.disasm);
         {
-            let mut kb = Kb::new(&mut self.ctx.func, &mut self.fctx, fma);
+            let mut kb = Kb::new(&mut self.ctx.func, &mut self.fctx, fma, dtype);
             spec.emitter().emit(&mut kb);
             kb.finish(config);
         }
@@ -370,6 +506,7 @@ impl Jit {
             spec,
             clif,
             disasm,
+            dtype,
             func,
         });
         Ok(KernelId(self.kernels.len() - 1))
@@ -392,7 +529,7 @@ impl Jit {
         out
     }
 
-    /// Runs kernel `id` on work items `range` (batch items, or `0..1` for a
+    /// Runs f32 kernel `id` on work items `range` (batch items, or `0..1` for a
     /// [`Par::Whole`] kernel), after checking every buffer's length against the
     /// kernel's shapes. Scratch, when the kernel needs any, is allocated here.
     pub fn run(
@@ -402,7 +539,37 @@ impl Jit {
         outputs: &mut [&mut [f32]],
         range: Range<usize>,
     ) -> Result<(), String> {
+        self.run_typed(id, inputs, outputs, range)
+    }
+
+    /// [`Jit::run`] for a kernel compiled for f64.
+    pub fn run_f64(
+        &self,
+        id: KernelId,
+        inputs: &[&[f64]],
+        outputs: &mut [&mut [f64]],
+        range: Range<usize>,
+    ) -> Result<(), String> {
+        self.run_typed(id, inputs, outputs, range)
+    }
+
+    /// [`Jit::run`] for either element type (the kernel's).
+    pub fn run_typed<T: Elem>(
+        &self,
+        id: KernelId,
+        inputs: &[&[T]],
+        outputs: &mut [&mut [T]],
+        range: Range<usize>,
+    ) -> Result<(), String> {
         let k = &self.kernels[id.0];
+        if k.dtype != T::DTYPE {
+            return Err(format!(
+                "{}: compiled for {}, run with {} buffers",
+                k.name,
+                k.dtype.name(),
+                T::DTYPE.name()
+            ));
+        }
         let (ins, outs) = (k.spec.inputs(), k.spec.outputs());
         if inputs.len() != ins.len() || outputs.len() != outs.len() {
             return Err(format!(
@@ -434,14 +601,14 @@ impl Jit {
                 k.spec.work()
             ));
         }
-        let mut scratch = vec![0f32; k.spec.scratch()];
+        let mut scratch = vec![T::zero(); k.spec.scratch()];
         let mut ptrs: Vec<*mut f32> = inputs
             .iter()
             .map(|b| b.as_ptr() as *mut f32)
-            .chain(outputs.iter_mut().map(|b| b.as_mut_ptr()))
+            .chain(outputs.iter_mut().map(|b| b.as_mut_ptr() as *mut f32))
             .collect();
         if !scratch.is_empty() {
-            ptrs.push(scratch.as_mut_ptr());
+            ptrs.push(scratch.as_mut_ptr() as *mut f32);
         }
         // SAFETY: every buffer has the length the kernel was specialised for, the
         // range is inside the batch, inputs are only read, and the module is alive.

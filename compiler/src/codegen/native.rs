@@ -6,13 +6,15 @@
 //! `eval` on copies of its inputs (slow, but exact: the reference semantics).
 //! `cnnc dump --stage=plan` marks them `native …` and `ref interpreter`.
 //!
-//! The op loops do the interpreter's f32 operations in the interpreter's order,
-//! so their results are bit-identical to `interp::eval`
-//! (`compiler/tests/native_ops.rs`); they allocate nothing. The group-norm sums
+//! The op loops are generic over the element type ([`Elem`]: f32, or f64 for
+//! gradient checks; a matrix product in f64 runs on `dgemm`) and do the
+//! interpreter's operations in the interpreter's order, so their results are
+//! bit-identical to `interp::eval` (`compiler/tests/native_ops.rs`); they
+//! allocate nothing. The group-norm sums
 //! keep each sum's sequential order and get their speed from running `LANES`
 //! (8) independent sums side by side instead.
 
-use super::gemm;
+use super::{gemm, Elem};
 use crate::interp::{self, Tensor};
 use crate::ir::{self, Act, Op, Shape};
 use ndarray::{ArrayD, IxDyn};
@@ -169,7 +171,7 @@ impl Native {
 
     /// Runs the step. `ins` and `outs` have the lengths of the step's shapes (the
     /// planner guarantees it).
-    pub fn run(&self, ins: &[&[f32]], outs: &mut [&mut [f32]]) {
+    pub fn run<T: Elem>(&self, ins: &[&[T]], outs: &mut [&mut [T]]) {
         match self {
             Native::MatMul { m, n, k, ta, tb } => {
                 let (m, n, k) = (*m, *n, *k);
@@ -187,7 +189,7 @@ impl Native {
                 // SAFETY: the strides address m×k and k×n elements inside the
                 // checked slices; c is m×n with row stride n.
                 unsafe {
-                    gemm::sgemm(
+                    T::gemm(
                         m,
                         n,
                         k,
@@ -274,18 +276,18 @@ impl Native {
                 let correct = (0..*n)
                     .filter(|&i| {
                         let row = &logits[i * k..(i + 1) * k];
-                        Some(argmax(row)) == to_usize(labels[i])
+                        Some(argmax(row)) == labels[i].to_usize()
                     })
                     .count();
                 // The interpreter's `T::c(count as f64)`.
-                outs[0][0] = correct as f64 as f32;
+                outs[0][0] = T::c(correct as f64);
             }
             Native::OneHot { classes } => {
                 let out = &mut *outs[0];
-                out.fill(0.0);
+                out.fill(T::zero());
                 for (i, &c) in ins[0].iter().enumerate() {
-                    if let Some(c) = to_usize(c).filter(|c| c < classes) {
-                        out[i * classes + c] = 1.0;
+                    if let Some(c) = c.to_usize().filter(|c| c < classes) {
+                        out[i * classes + c] = T::one();
                     }
                 }
             }
@@ -294,14 +296,14 @@ impl Native {
                 ins: shapes,
                 outs: out_shapes,
             } => {
-                let tensors: Vec<Tensor<f32>> = shapes
+                let tensors: Vec<Tensor<T>> = shapes
                     .iter()
                     .zip(ins)
                     .map(|(s, d)| {
                         ArrayD::from_shape_vec(IxDyn(s), d.to_vec()).expect("planned shape")
                     })
                     .collect();
-                let refs: Vec<&Tensor<f32>> = tensors.iter().collect();
+                let refs: Vec<&Tensor<T>> = tensors.iter().collect();
                 let results = interp::eval(op, &refs, out_shapes);
                 for (dst, t) in outs.iter_mut().zip(results) {
                     let t = t.as_standard_layout();
@@ -313,35 +315,36 @@ impl Native {
 }
 
 /// The label-smoothed target of class `j` (the interpreter's `target`).
-fn target(is_label: bool, smoothing: f64, k: usize) -> f32 {
-    ((if is_label { 1.0 - smoothing } else { 0.0 }) + smoothing / k as f64) as f32
+fn target<T: Elem>(is_label: bool, smoothing: f64, k: usize) -> T {
+    T::c((if is_label { 1.0 - smoothing } else { 0.0 }) + smoothing / k as f64)
 }
 
-/// See [`Native::SoftmaxXentFused`]; the same f32 operations, in the same order,
+/// See [`Native::SoftmaxXentFused`]; the same operations, in the same order,
 /// as the interpreter's two ops, so the results are identical.
-fn softmax_xent_fused(
+fn softmax_xent_fused<T: Elem>(
     n: usize,
     k: usize,
     smoothing: f64,
-    logits: &[f32],
-    labels: &[f32],
-    outs: &mut [&mut [f32]],
+    logits: &[T],
+    labels: &[T],
+    outs: &mut [&mut [T]],
 ) {
-    let mut loss = 0f32;
-    let inv_n = n as f32;
+    let mut loss = T::zero();
+    let inv_n = T::c(n as f64);
     for i in 0..n {
         let row = &logits[i * k..(i + 1) * k];
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let sum = row.iter().fold(0f32, |a, &z| a + (z - max).exp());
+        let max = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+        let sum = row.iter().fold(T::zero(), |a, &z| a + (z - max).exp());
         let lse = max + sum.ln();
-        // The interpreter reads labels with `to_usize`: negative or NaN → 0.
-        let label = if labels[i] >= 0.0 {
-            labels[i] as usize
+        // The interpreter reads labels with `to_usize`: negative or NaN → 0
+        // (`as usize`: too large saturates).
+        let label = if labels[i] >= T::zero() {
+            labels[i].to_usize().unwrap_or(usize::MAX)
         } else {
             0
         };
         for j in 0..k {
-            let t = target(j == label, smoothing, k);
+            let t: T = target(j == label, smoothing, k);
             loss -= t * (row[j] - lse);
             let p = (row[j] - lse).exp();
             outs[1][i * k + j] = (p - t) / inv_n;
@@ -361,20 +364,22 @@ fn act_name(a: &Act) -> &'static str {
     }
 }
 
-/// The interpreter's f32 constants are `T::c(x)`, `x as f32` from an f64.
-const SQRT_2: f32 = std::f64::consts::SQRT_2 as f32;
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// The interpreter's constants are `T::c(x)` (for f32, `x as f32` from an f64).
+fn sqrt_2<T: Elem>() -> T {
+    T::c(std::f64::consts::SQRT_2)
 }
 
-/// The exact (erf) form, with the interpreter's f32 `erf` (libm's `erff`).
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x / SQRT_2))
+fn sigmoid<T: Elem>(x: T) -> T {
+    T::one() / (T::one() + (-x).exp())
+}
+
+/// The exact (erf) form, with the interpreter's `erf` (libm's `erff` in f32).
+fn gelu<T: Elem>(x: T) -> T {
+    T::c(0.5) * x * (T::one() + (x / sqrt_2()).erf())
 }
 
 /// `y = f(x)`; one loop per activation, so each is a straight loop over slices.
-fn map(x: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32) {
+fn map<T: Elem>(x: &[T], y: &mut [T], f: impl Fn(T) -> T) {
     assert_eq!(x.len(), y.len());
     for (y, &x) in y.iter_mut().zip(x) {
         *y = f(x);
@@ -382,7 +387,7 @@ fn map(x: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32) {
 }
 
 /// `dx = dy·f(x)`.
-fn map_grad(dy: &[f32], x: &[f32], dx: &mut [f32], f: impl Fn(f32) -> f32) {
+fn map_grad<T: Elem>(dy: &[T], x: &[T], dx: &mut [T], f: impl Fn(T) -> T) {
     assert!(dy.len() == dx.len() && x.len() == dx.len());
     for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
         *dx = dy * f(x);
@@ -390,55 +395,52 @@ fn map_grad(dy: &[f32], x: &[f32], dx: &mut [f32], f: impl Fn(f32) -> f32) {
 }
 
 /// The interpreter's `act`.
-fn act_forward(a: &Act, x: &[f32], y: &mut [f32]) {
+fn act_forward<T: Elem>(a: &Act, x: &[T], y: &mut [T]) {
+    let zero = T::zero();
     match *a {
-        Act::Relu => map(x, y, |v| v.max(0.0)),
+        Act::Relu => map(x, y, |v| v.max(zero)),
         Act::LeakyRelu(s) => {
-            let s = s as f32;
-            map(x, y, |v| if v > 0.0 { v } else { v * s })
+            let s = T::c(s);
+            map(x, y, |v| if v > zero { v } else { v * s })
         }
         Act::Sigmoid => map(x, y, sigmoid),
-        Act::Tanh => map(x, y, f32::tanh),
+        Act::Tanh => map(x, y, T::tanh),
         Act::Gelu => map(x, y, gelu),
     }
 }
 
 /// The interpreter's `act_grad`, times `dy`.
-fn act_backward(a: &Act, dy: &[f32], x: &[f32], dx: &mut [f32]) {
+fn act_backward<T: Elem>(a: &Act, dy: &[T], x: &[T], dx: &mut [T]) {
+    let (zero, one) = (T::zero(), T::one());
     match *a {
-        Act::Relu => map_grad(dy, x, dx, |v| if v > 0.0 { 1.0 } else { 0.0 }),
+        Act::Relu => map_grad(dy, x, dx, |v| if v > zero { one } else { zero }),
         Act::LeakyRelu(s) => {
-            let s = s as f32;
-            map_grad(dy, x, dx, |v| if v > 0.0 { 1.0 } else { s })
+            let s = T::c(s);
+            map_grad(dy, x, dx, |v| if v > zero { one } else { s })
         }
         Act::Sigmoid => map_grad(dy, x, dx, |v| {
             let s = sigmoid(v);
-            s * (1.0 - s)
+            s * (one - s)
         }),
         Act::Tanh => map_grad(dy, x, dx, |v| {
             let t = v.tanh();
-            1.0 - t * t
+            one - t * t
         }),
         // d/dx x·Φ(x) = Φ(x) + x·φ(x)
         Act::Gelu => {
-            let sqrt_2pi = (2.0 * std::f64::consts::PI).sqrt() as f32;
+            let sqrt_2pi = T::c((2.0 * std::f64::consts::PI).sqrt());
+            let (half, two) = (T::c(0.5), T::c(2.0));
             map_grad(dy, x, dx, |v| {
-                let cdf = 0.5 * (1.0 + libm::erff(v / SQRT_2));
-                let pdf = (-v * v / 2.0).exp() / sqrt_2pi;
+                let cdf = half * (one + (v / sqrt_2()).erf());
+                let pdf = (-v * v / two).exp() / sqrt_2pi;
                 cdf + v * pdf
             })
         }
     }
 }
 
-/// `to_usize` of num-traits, as the interpreter reads labels and classes:
-/// truncation toward zero for values in (-1, 2^64), `None` otherwise (NaN too).
-fn to_usize(v: f32) -> Option<usize> {
-    (v > -1.0 && v < usize::MAX as f32).then_some(v as usize)
-}
-
 /// Index of the first maximum (the interpreter's `argmax`).
-fn argmax(row: &[f32]) -> usize {
+fn argmax<T: Elem>(row: &[T]) -> usize {
     let mut best = 0;
     for (j, v) in row.iter().enumerate() {
         if *v > row[best] {
@@ -451,20 +453,16 @@ fn argmax(row: &[f32]) -> usize {
 /// See [`Native::Dropout`]. The seed is the interpreter's `to_u64` of the seed
 /// tensor's value (0 when it is not in (-1, 2^64)); the element index is the
 /// flat index into `x`.
-fn dropout(p: f64, salt: u64, x: &[f32], seed: &[f32], y: &mut [f32]) {
+fn dropout<T: Elem>(p: f64, salt: u64, x: &[T], seed: &[T], y: &mut [T]) {
     assert_eq!(x.len(), y.len());
-    let s = seed.first().copied().unwrap_or(0.0);
-    let seed = if s > -1.0 && s < u64::MAX as f32 {
-        s as u64
-    } else {
-        0
-    };
-    let scale = (1.0 / (1.0 - p)) as f32;
+    let s = seed.first().copied().unwrap_or(T::zero());
+    let seed = s.to_u64().unwrap_or(0);
+    let scale = T::c(1.0 / (1.0 - p));
     for (i, (y, &v)) in y.iter_mut().zip(x).enumerate() {
         *y = if ir::dropout_keep(seed, salt, i as u64, p) {
             v * scale
         } else {
-            0.0
+            T::zero()
         };
     }
 }
@@ -477,20 +475,20 @@ const LANES: usize = 8;
 /// The layout of a group norm: `n` images of `c` channels of `hw` pixels, in
 /// `groups` groups of `cg` channels; a group of one image is a contiguous
 /// chunk of `per` elements, chunk `ng = image·groups + group`.
-struct GroupGeom {
+struct GroupGeom<T> {
     n: usize,
     c: usize,
     hw: usize,
     groups: usize,
     cg: usize,
     per: usize,
-    /// `per` as the interpreter's f32 (`T::c(per as f64)`).
-    per_f: f32,
-    eps: f32,
+    /// `per` as the interpreter's T (`T::c(per as f64)`).
+    per_f: T,
+    eps: T,
 }
 
-impl GroupGeom {
-    fn new(n: usize, c: usize, hw: usize, groups: usize, eps: f64) -> GroupGeom {
+impl<T: Elem> GroupGeom<T> {
+    fn new(n: usize, c: usize, hw: usize, groups: usize, eps: f64) -> GroupGeom<T> {
         let cg = c / groups;
         GroupGeom {
             n,
@@ -499,8 +497,8 @@ impl GroupGeom {
             groups,
             cg,
             per: cg * hw,
-            per_f: (cg * hw) as f64 as f32,
-            eps: eps as f32,
+            per_f: T::c((cg * hw) as f64),
+            eps: T::c(eps),
         }
     }
 
@@ -514,8 +512,8 @@ impl GroupGeom {
     }
 
     /// `1/sqrt(var + eps)`, as the interpreter.
-    fn inv_std(&self, var: f32) -> f32 {
-        1.0 / (var + self.eps).sqrt()
+    fn inv_std(&self, var: T) -> T {
+        T::one() / (var + self.eps).sqrt()
     }
 
     /// Calls `f(first, lanes)` for blocks of `LANES` consecutive indices of
@@ -536,25 +534,25 @@ impl GroupGeom {
 /// The interpreter's `groupnorm`: per chunk, the sequential sum, its mean, the
 /// sequential sum of squared deviations, the biased variance; then
 /// `y = (x - mean)·inv·γ + β`.
-fn groupnorm(
-    g: &GroupGeom,
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    y: &mut [f32],
-    mean: &mut [f32],
-    var: &mut [f32],
+fn groupnorm<T: Elem>(
+    g: &GroupGeom<T>,
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    y: &mut [T],
+    mean: &mut [T],
+    var: &mut [T],
 ) {
     let (per, hw) = (g.per, g.hw);
     assert!(x.len() == g.chunks() * per && y.len() == x.len());
     assert!(gamma.len() == g.c && beta.len() == g.c);
     assert!(mean.len() == g.chunks() && var.len() == g.chunks());
-    GroupGeom::blocks(g.chunks(), |ng0, lanes| {
+    GroupGeom::<T>::blocks(g.chunks(), |ng0, lanes| {
         let (mean, var) = (&mut mean[ng0..ng0 + lanes], &mut var[ng0..ng0 + lanes]);
         if lanes == LANES {
-            chunk_stats::<LANES>(g, x, ng0, mean, var)
+            chunk_stats::<T, LANES>(g, x, ng0, mean, var)
         } else {
-            chunk_stats::<1>(g, x, ng0, mean, var)
+            chunk_stats::<T, 1>(g, x, ng0, mean, var)
         }
     });
     for ng in 0..g.chunks() {
@@ -573,23 +571,23 @@ fn groupnorm(
 /// Mean and variance of chunks `ng0..ng0+L`, each summed in order.
 // One index walks `L` chunks side by side: a range loop says it most plainly.
 #[allow(clippy::needless_range_loop)]
-fn chunk_stats<const L: usize>(
-    g: &GroupGeom,
-    x: &[f32],
+fn chunk_stats<T: Elem, const L: usize>(
+    g: &GroupGeom<T>,
+    x: &[T],
     ng0: usize,
-    mean: &mut [f32],
-    var: &mut [f32],
+    mean: &mut [T],
+    var: &mut [T],
 ) {
     let per = g.per;
-    let rows: [&[f32]; L] = std::array::from_fn(|l| &x[(ng0 + l) * per..(ng0 + l + 1) * per]);
-    let mut s = [0f32; L];
+    let rows: [&[T]; L] = std::array::from_fn(|l| &x[(ng0 + l) * per..(ng0 + l + 1) * per]);
+    let mut s = [T::zero(); L];
     for i in 0..per {
         for l in 0..L {
             s[l] += rows[l][i];
         }
     }
     let m = s.map(|s| s / g.per_f);
-    let mut q = [0f32; L];
+    let mut q = [T::zero(); L];
     for i in 0..per {
         for l in 0..L {
             let d = rows[l][i] - m[l];
@@ -601,23 +599,23 @@ fn chunk_stats<const L: usize>(
 }
 
 /// The inputs of [`groupnorm_grad`].
-struct GradIns<'a> {
-    dy: &'a [f32],
-    x: &'a [f32],
-    gamma: &'a [f32],
-    mean: &'a [f32],
-    var: &'a [f32],
+struct GradIns<'a, T> {
+    dy: &'a [T],
+    x: &'a [T],
+    gamma: &'a [T],
+    mean: &'a [T],
+    var: &'a [T],
 }
 
 /// The interpreter's `groupnorm_grad`: per chunk,
 /// `dx = inv/M · (M·d - Σd - x̂·Σ(d·x̂))` with `d = ȳ·γ[c]`, the sums in order;
 /// `γ̄[c] = Σ ȳ·x̂` and `β̄[c] = Σ ȳ` over the images, then pixels, in order.
-fn groupnorm_grad(
-    g: &GroupGeom,
-    a: &GradIns,
-    dx: &mut [f32],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
+fn groupnorm_grad<T: Elem>(
+    g: &GroupGeom<T>,
+    a: &GradIns<T>,
+    dx: &mut [T],
+    dgamma: &mut [T],
+    dbeta: &mut [T],
 ) {
     let (per, c) = (g.per, g.c);
     let len = g.chunks() * per;
@@ -625,37 +623,37 @@ fn groupnorm_grad(
     assert!(a.gamma.len() == c && dgamma.len() == c && dbeta.len() == c);
     assert!(a.mean.len() == g.chunks() && a.var.len() == g.chunks());
     // Σd and Σ(d·x̂) per chunk, then dx of those chunks.
-    GroupGeom::blocks(g.chunks(), |ng0, lanes| {
+    GroupGeom::<T>::blocks(g.chunks(), |ng0, lanes| {
         if lanes == LANES {
-            chunk_grad::<LANES>(g, a, ng0, dx)
+            chunk_grad::<T, LANES>(g, a, ng0, dx)
         } else {
-            chunk_grad::<1>(g, a, ng0, dx)
+            chunk_grad::<T, 1>(g, a, ng0, dx)
         }
     });
     // γ̄ and β̄ per channel.
-    GroupGeom::blocks(c, |k0, lanes| {
+    GroupGeom::<T>::blocks(c, |k0, lanes| {
         let (dgamma, dbeta) = (&mut dgamma[k0..k0 + lanes], &mut dbeta[k0..k0 + lanes]);
         if lanes == LANES {
-            channel_grad_sums::<LANES>(g, a, k0, dgamma, dbeta)
+            channel_grad_sums::<T, LANES>(g, a, k0, dgamma, dbeta)
         } else {
-            channel_grad_sums::<1>(g, a, k0, dgamma, dbeta)
+            channel_grad_sums::<T, 1>(g, a, k0, dgamma, dbeta)
         }
     });
 }
 
 /// `dx` of chunks `ng0..ng0+L`: first `Σd` and `Σ(d·x̂)` of each chunk, summed
 /// in order, then one pass per chunk.
-fn chunk_grad<const L: usize>(g: &GroupGeom, a: &GradIns, ng0: usize, dx: &mut [f32]) {
+fn chunk_grad<T: Elem, const L: usize>(g: &GroupGeom<T>, a: &GradIns<T>, ng0: usize, dx: &mut [T]) {
     let (hw, per) = (g.hw, g.per);
-    let m: [f32; L] = std::array::from_fn(|l| a.mean[ng0 + l]);
-    let inv: [f32; L] = std::array::from_fn(|l| g.inv_std(a.var[ng0 + l]));
-    let mut sum_d = [0f32; L];
-    let mut sum_dx = [0f32; L];
+    let m: [T; L] = std::array::from_fn(|l| a.mean[ng0 + l]);
+    let inv: [T; L] = std::array::from_fn(|l| g.inv_std(a.var[ng0 + l]));
+    let mut sum_d = [T::zero(); L];
+    let mut sum_dx = [T::zero(); L];
     for cc in 0..g.cg {
-        let gk: [f32; L] = std::array::from_fn(|l| a.gamma[g.channel(ng0 + l, cc)]);
+        let gk: [T; L] = std::array::from_fn(|l| a.gamma[g.channel(ng0 + l, cc)]);
         let at = |l: usize| (ng0 + l) * per + cc * hw;
-        let dy: [&[f32]; L] = std::array::from_fn(|l| &a.dy[at(l)..at(l) + hw]);
-        let x: [&[f32]; L] = std::array::from_fn(|l| &a.x[at(l)..at(l) + hw]);
+        let dy: [&[T]; L] = std::array::from_fn(|l| &a.dy[at(l)..at(l) + hw]);
+        let x: [&[T]; L] = std::array::from_fn(|l| &a.x[at(l)..at(l) + hw]);
         for p in 0..hw {
             for l in 0..L {
                 let xhat = (x[l][p] - m[l]) * inv[l];
@@ -688,23 +686,23 @@ fn chunk_grad<const L: usize>(g: &GroupGeom, a: &GradIns, ng0: usize, dx: &mut [
 
 /// `γ̄` and `β̄` of channels `k0..k0+L`, each summed over images, then pixels,
 /// in order.
-fn channel_grad_sums<const L: usize>(
-    g: &GroupGeom,
-    a: &GradIns,
+fn channel_grad_sums<T: Elem, const L: usize>(
+    g: &GroupGeom<T>,
+    a: &GradIns<T>,
     k0: usize,
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
+    dgamma: &mut [T],
+    dbeta: &mut [T],
 ) {
     let hw = g.hw;
-    let mut dg = [0f32; L];
-    let mut db = [0f32; L];
+    let mut dg = [T::zero(); L];
+    let mut db = [T::zero(); L];
     for i in 0..g.n {
         let ng = |l: usize| i * g.groups + (k0 + l) / g.cg;
-        let m: [f32; L] = std::array::from_fn(|l| a.mean[ng(l)]);
-        let inv: [f32; L] = std::array::from_fn(|l| g.inv_std(a.var[ng(l)]));
+        let m: [T; L] = std::array::from_fn(|l| a.mean[ng(l)]);
+        let inv: [T; L] = std::array::from_fn(|l| g.inv_std(a.var[ng(l)]));
         let at = |l: usize| (i * g.c + k0 + l) * hw;
-        let dy: [&[f32]; L] = std::array::from_fn(|l| &a.dy[at(l)..at(l) + hw]);
-        let x: [&[f32]; L] = std::array::from_fn(|l| &a.x[at(l)..at(l) + hw]);
+        let dy: [&[T]; L] = std::array::from_fn(|l| &a.dy[at(l)..at(l) + hw]);
+        let x: [&[T]; L] = std::array::from_fn(|l| &a.x[at(l)..at(l) + hw]);
         for p in 0..hw {
             for l in 0..L {
                 let xhat = (x[l][p] - m[l]) * inv[l];

@@ -57,8 +57,11 @@
 //! `2 ± 1`, the mean is off by 1.7e-7 (interpreter: 8.7e-6) from the f64
 //! interpreter, so f64 accumulation is not needed (`tests/jit_norm.rs`,
 //! `large_batches_are_accurate`).
+//!
+//! In f64 the same loops run on f64x2 (two channels at a time when `H·W = 1`).
 
-use super::builder::{Bound, Kb, F32, F32X4, I64};
+use super::builder::{Bound, Kb, I64};
+use super::DType;
 use super::{Emit, Par};
 use crate::ir::{Graph, Node, Op, Shape};
 use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Type, Value};
@@ -336,8 +339,9 @@ impl Layout {
 }
 
 /// A kernel that walks every channel, item and element (see "Loops" in the
-/// module doc). Values have type `ty`: `F32`, or `F32X4` (four elements of one
-/// channel, or one element of four channels when `H·W = 1`).
+/// module doc). Values have type `ty`: a scalar, or a vector (four f32 or two
+/// f64 elements of one channel, or one element of as many channels when
+/// `H·W = 1`).
 trait Channelwise {
     /// The per-channel constants from the values of the `[C]` inputs.
     fn consts(&self, kb: &mut Kb, ty: Type, chan: &[Value]) -> Vec<Value>;
@@ -399,16 +403,18 @@ impl Accs {
     }
 }
 
-/// One f32x4 or f32 (the `Type`) at a byte offset from each pointer, updating
-/// the accumulators of its type.
+/// One vector or scalar (the `Type`) at a byte offset from each pointer,
+/// updating the accumulators of its type.
 type Step<'f> = dyn FnMut(&mut Kb, Type, &[Value], i64, &mut [Value]) + 'f;
 
-/// Emits `f` over `len` consecutive f32 from the byte pointers `ptrs` (advancing
-/// together): an f32x4 loop unrolled [`UNROLL`] times (vector `u` of a block uses
-/// `acc.vec[u]`), the leftover vectors (round-robin over `acc.vec`), then scalars
-/// (`acc.scalar`). `acc.vec` must hold `min(UNROLL, len / 4)` sets.
+/// Emits `f` over `len` consecutive elements from the byte pointers `ptrs`
+/// (advancing together): a vector loop unrolled [`UNROLL`] times (vector `u` of a
+/// block uses `acc.vec[u]`), the leftover vectors (round-robin over `acc.vec`),
+/// then scalars (`acc.scalar`). `acc.vec` must hold `min(UNROLL, len / lanes)`
+/// sets.
 fn sweep(kb: &mut Kb, ptrs: &[Value], len: usize, mut acc: Accs, f: &mut Step) -> Accs {
-    let block = 4 * UNROLL;
+    let (lanes, e, vt, st) = (kb.lanes(), kb.esz(), kb.vty(), kb.sty());
+    let block = lanes * UNROLL;
     let full = len / block;
     let per = acc.vec.first().map_or(0, Vec::len);
     if full > 0 {
@@ -419,10 +425,10 @@ fn sweep(kb: &mut Kb, ptrs: &[Value], len: usize, mut acc: Accs, f: &mut Step) -
             block as i64,
             &flat,
             |kb, i, carried| {
-                let here: Vec<Value> = ptrs.iter().map(|&p| kb.offset(p, i, 4)).collect();
+                let here: Vec<Value> = ptrs.iter().map(|&p| kb.offset(p, i, e)).collect();
                 let mut sets = Accs::regroup(carried, UNROLL, per).vec;
                 for (u, set) in sets.iter_mut().enumerate() {
-                    f(kb, F32X4, &here, 16 * u as i64, set);
+                    f(kb, vt, &here, 16 * u as i64, set);
                 }
                 sets.concat()
             },
@@ -431,25 +437,26 @@ fn sweep(kb: &mut Kb, ptrs: &[Value], len: usize, mut acc: Accs, f: &mut Step) -
     }
     let mut at = full * block;
     let mut u = 0;
-    while at + 4 <= len {
-        f(kb, F32X4, ptrs, 4 * at as i64, &mut acc.vec[u]);
+    while at + lanes <= len {
+        f(kb, vt, ptrs, e * at as i64, &mut acc.vec[u]);
         u = (u + 1) % acc.vec.len();
-        at += 4;
+        at += lanes;
     }
     while at < len {
-        f(kb, F32, ptrs, 4 * at as i64, &mut acc.scalar);
+        f(kb, st, ptrs, e * at as i64, &mut acc.scalar);
         at += 1;
     }
     acc
 }
 
 /// `H·W > 1`: for each channel, its constants, then every item's `inner`
-/// contiguous elements in f32x4 (see [`sweep`]); a reduction's accumulators are
+/// contiguous elements in vectors (see [`sweep`]); a reduction's accumulators are
 /// added, summed across lanes, finished and stored once per channel.
 fn along_channel(kb: &mut Kb, c: usize, inner: usize, bufs: &Bufs, kern: &dyn Channelwise) {
+    let (lanes, e, vt, st) = (kb.lanes(), kb.esz(), kb.vty(), kb.sty());
     let per = bufs.sums.len();
-    let sets = (inner / 4).min(UNROLL);
-    let tail = usize::from(!inner.is_multiple_of(4));
+    let sets = (inner / lanes).min(UNROLL);
+    let tail = usize::from(!inner.is_multiple_of(lanes));
     let item = (c * inner) as i64;
     let (start, end) = (kb.start, kb.end);
     kb.for_range(
@@ -462,14 +469,14 @@ fn along_channel(kb: &mut Kb, c: usize, inner: usize, bufs: &Bufs, kern: &dyn Ch
                 .chans
                 .iter()
                 .map(|&p| {
-                    let at = kb.offset(p, ch, 4);
-                    kb.load_in(F32, at, 0)
+                    let at = kb.offset(p, ch, e);
+                    kb.load_in(st, at, 0)
                 })
                 .collect();
-            let ks = kern.consts(kb, F32, &vals);
+            let ks = kern.consts(kb, st, &vals);
             pin(kb, &ks);
-            let kv: Vec<Value> = ks.iter().map(|&k| kb.splat(F32X4, k)).collect();
-            let (zv, zs) = (kb.zero(F32X4), kb.zero(F32));
+            let kv: Vec<Value> = ks.iter().map(|&k| kb.splat(vt, k)).collect();
+            let (zv, zs) = (kb.zero(vt), kb.zero(st));
             let init = Accs {
                 vec: vec![vec![zv; per]; sets],
                 scalar: vec![zs; per * tail],
@@ -477,7 +484,7 @@ fn along_channel(kb: &mut Kb, c: usize, inner: usize, bufs: &Bufs, kern: &dyn Ch
             let base: Vec<Value> = bufs
                 .elems
                 .iter()
-                .map(|&p| kb.offset(p, ch, 4 * inner as i64))
+                .map(|&p| kb.offset(p, ch, e * inner as i64))
                 .collect();
             let flat = kb.for_range(
                 Bound::Val(start),
@@ -486,11 +493,11 @@ fn along_channel(kb: &mut Kb, c: usize, inner: usize, bufs: &Bufs, kern: &dyn Ch
                 &init.flatten(),
                 |kb, n, carried| {
                     let here: Vec<Value> =
-                        base.iter().map(|&p| kb.offset(p, n, 4 * item)).collect();
+                        base.iter().map(|&p| kb.offset(p, n, e * item)).collect();
                     let acc = Accs::regroup(carried, sets, per);
                     let mut step =
                         |kb: &mut Kb, ty: Type, p: &[Value], off: i64, a: &mut [Value]| {
-                            let k = if ty == F32 { &ks } else { &kv };
+                            let k = if !ty.is_vector() { &ks } else { &kv };
                             kern.step(kb, ty, p, off, k, a);
                         };
                     sweep(kb, &here, inner, acc, &mut step).flatten()
@@ -512,9 +519,9 @@ fn along_channel(kb: &mut Kb, c: usize, inner: usize, bufs: &Bufs, kern: &dyn Ch
                         t.expect("a channel has elements")
                     })
                     .collect();
-                let out = kern.finish(kb, F32, &ks, &totals);
+                let out = kern.finish(kb, st, &ks, &totals);
                 for (&v, &p) in out.iter().zip(bufs.sums) {
-                    let at = kb.offset(p, ch, 4);
+                    let at = kb.offset(p, ch, e);
                     kb.store(v, at, 0);
                 }
             }
@@ -524,18 +531,19 @@ fn along_channel(kb: &mut Kb, c: usize, inner: usize, bufs: &Bufs, kern: &dyn Ch
 }
 
 /// `H·W = 1` (`[N, C]`): the vectors run across channels. Blocks of
-/// [`UNROLL`] f32x4 (16 channels, one cache line of each buffer per item) in a
-/// loop, then one block of the remaining whole vectors and one of the last
-/// `C mod 4` channels in f32, straight-line. A block loads its constants as
-/// vectors, then walks the items with one accumulator per vector and sum.
+/// [`UNROLL`] vectors (16 f32 channels, one cache line of each buffer per item)
+/// in a loop, then one block of the remaining whole vectors and one of the last
+/// channels in scalars, straight-line. A block loads its constants as vectors,
+/// then walks the items with one accumulator per vector and sum.
 fn across_channels(kb: &mut Kb, c: usize, bufs: &Bufs, kern: &dyn Channelwise) {
+    let (lanes, e, vt, st) = (kb.lanes(), kb.esz(), kb.vty(), kb.sty());
     let per = bufs.sums.len();
-    let item = 4 * c as i64;
+    let item = e * c as i64;
     let (start, end) = (kb.start, kb.end);
     // `w` values of type `ty` from channel `ch` plus `off` bytes.
     let block = |kb: &mut Kb, ty: Type, w: usize, ch: Value, off: i64| {
         let offs: Vec<i64> = (0..w).map(|v| off + ty.bytes() as i64 * v as i64).collect();
-        let chans: Vec<Value> = bufs.chans.iter().map(|&p| kb.offset(p, ch, 4)).collect();
+        let chans: Vec<Value> = bufs.chans.iter().map(|&p| kb.offset(p, ch, e)).collect();
         let ks: Vec<Vec<Value>> = offs
             .iter()
             .map(|&o| {
@@ -545,7 +553,7 @@ fn across_channels(kb: &mut Kb, c: usize, bufs: &Bufs, kern: &dyn Channelwise) {
             .collect();
         pin(kb, &ks.concat());
         let zero = kb.zero(ty);
-        let base: Vec<Value> = bufs.elems.iter().map(|&p| kb.offset(p, ch, 4)).collect();
+        let base: Vec<Value> = bufs.elems.iter().map(|&p| kb.offset(p, ch, e)).collect();
         let acc = kb.for_range(
             Bound::Val(start),
             Bound::Val(end),
@@ -561,7 +569,7 @@ fn across_channels(kb: &mut Kb, c: usize, bufs: &Bufs, kern: &dyn Channelwise) {
             },
         );
         if per > 0 {
-            let sums: Vec<Value> = bufs.sums.iter().map(|&p| kb.offset(p, ch, 4)).collect();
+            let sums: Vec<Value> = bufs.sums.iter().map(|&p| kb.offset(p, ch, e)).collect();
             for ((set, &o), k) in Accs::regroup(&acc, w, per).vec.iter().zip(&offs).zip(&ks) {
                 let out = kern.finish(kb, ty, k, set);
                 for (&v, &p) in out.iter().zip(&sums) {
@@ -570,25 +578,25 @@ fn across_channels(kb: &mut Kb, c: usize, bufs: &Bufs, kern: &dyn Channelwise) {
             }
         }
     };
-    let wide = c / (4 * UNROLL) * (4 * UNROLL);
+    let wide = c / (lanes * UNROLL) * (lanes * UNROLL);
     kb.for_range(
         Bound::Const(0),
         Bound::Const(wide as i64),
-        4 * UNROLL as i64,
+        (lanes * UNROLL) as i64,
         &[],
         |kb, ch, _| {
-            block(kb, F32X4, UNROLL, ch, 0);
+            block(kb, vt, UNROLL, ch, 0);
             vec![]
         },
     );
     let zero = kb.iconst(0);
-    let vecs = (c - wide) / 4;
+    let vecs = (c - wide) / lanes;
     if vecs > 0 {
-        block(kb, F32X4, vecs, zero, 4 * wide as i64);
+        block(kb, vt, vecs, zero, e * wide as i64);
     }
-    let done = wide + 4 * vecs;
+    let done = wide + lanes * vecs;
     if done < c {
-        block(kb, F32, c - done, zero, 4 * done as i64);
+        block(kb, st, c - done, zero, e * done as i64);
     }
 }
 
@@ -626,22 +634,18 @@ fn tree_sum(kb: &mut Kb, v: &[Value]) -> Value {
     }
 }
 
-/// The sum of an f32x4's lanes, `(l0 + l1) + (l2 + l3)`.
+/// The sum of a vector's lanes as a balanced tree, `(l0 + l1) + (l2 + l3)`.
 fn hsum(kb: &mut Kb, v: Value) -> Value {
-    let l: Vec<Value> = (0..4u8).map(|i| kb.b.ins().extractlane(v, i)).collect();
+    let l: Vec<Value> = (0..kb.lanes() as u8)
+        .map(|i| kb.b.ins().extractlane(v, i))
+        .collect();
     tree_sum(kb, &l)
-}
-
-/// `x` as an f32 constant of type `ty` (`F32` or `F32X4`).
-fn konst(kb: &mut Kb, ty: Type, x: f32) -> Value {
-    let s = kb.b.ins().f32const(x);
-    kb.splat(ty, s)
 }
 
 /// `1/sqrt(var + eps)`.
 fn inv_std(kb: &mut Kb, ty: Type, var: Value, eps: f64) -> Value {
-    let e = konst(kb, ty, eps as f32);
-    let one = konst(kb, ty, 1.0);
+    let e = kb.real(ty, eps);
+    let one = kb.real(ty, 1.0);
     let ve = kb.b.ins().fadd(var, e);
     let sd = kb.b.ins().sqrt(ve);
     kb.b.ins().fdiv(one, sd)
@@ -672,7 +676,7 @@ struct SqDev {
 impl Channelwise for SqDev {
     /// `[mean]`.
     fn consts(&self, kb: &mut Kb, ty: Type, chan: &[Value]) -> Vec<Value> {
-        let cnt = konst(kb, ty, self.cnt as f32);
+        let cnt = kb.real(ty, self.cnt as f64);
         vec![kb.b.ins().fdiv(chan[0], cnt)]
     }
 
@@ -698,7 +702,7 @@ impl Channelwise for Apply {
     /// `[mean, scale, beta]`.
     fn consts(&self, kb: &mut Kb, ty: Type, chan: &[Value]) -> Vec<Value> {
         let (gamma, beta, mean, var) = (chan[0], chan[1], chan[2], chan[3]);
-        let e = konst(kb, ty, self.eps as f32);
+        let e = kb.real(ty, self.eps);
         let ve = kb.b.ins().fadd(var, e);
         let sd = kb.b.ins().sqrt(ve);
         let scale = kb.b.ins().fdiv(gamma, sd);
@@ -770,7 +774,7 @@ impl Channelwise for GradApply {
     fn consts(&self, kb: &mut Kb, ty: Type, chan: &[Value]) -> Vec<Value> {
         let (gamma, mean, var, dgamma, dbeta) = (chan[0], chan[1], chan[2], chan[3], chan[4]);
         let inv = inv_std(kb, ty, var, self.eps);
-        let cnt = konst(kb, ty, self.cnt as f32);
+        let cnt = kb.real(ty, self.cnt as f64);
         let a = kb.b.ins().fmul(gamma, inv);
         let ai = kb.b.ins().fmul(a, inv);
         let dg = kb.b.ins().fdiv(dgamma, cnt);
@@ -822,7 +826,7 @@ fn over_channels(kb: &mut Kb, c: usize, ins: &[usize], outs: &[usize], f: &mut P
     let ptrs: Vec<Value> = ins.iter().chain(outs).map(|&i| kb.buffer(i)).collect();
     let n_in = ins.len();
     let acc = Accs {
-        vec: vec![vec![]; (c / 4).min(UNROLL)],
+        vec: vec![vec![]; (c / kb.lanes()).min(UNROLL)],
         scalar: vec![],
     };
     let mut step = |kb: &mut Kb, ty: Type, p: &[Value], off: i64, _: &mut [Value]| {
@@ -839,26 +843,33 @@ fn over_channels(kb: &mut Kb, c: usize, ins: &[usize], outs: &[usize], f: &mut P
 fn stats(kb: &mut Kb, shape: &Shape) {
     let (c, _, cnt) = layout(shape);
     over_channels(kb, c, &[0, 1], &[2, 3], &mut |kb, ty, v| {
-        let n = konst(kb, ty, cnt as f32);
+        let n = kb.real(ty, cnt as f64);
         vec![kb.b.ins().fdiv(v[0], n), kb.b.ins().fdiv(v[1], n)]
     });
 }
 
-/// The running-statistics update, rounded as the interpreter (f32 momentum,
-/// `(1 − m)·r + (m·b)·unbias`, no fma). Buffers: `rm`, `rv`, `mean`, `var`,
-/// `rm'`, `rv'`.
+/// The running-statistics update, rounded as the interpreter (momentum in the
+/// element type, `(1 − m)·r + (m·b)·unbias`, no fma). Buffers: `rm`, `rv`,
+/// `mean`, `var`, `rm'`, `rv'`.
 fn running_stats(kb: &mut Kb, c: usize, momentum: f64, n: usize) {
-    let m = momentum as f32;
     let unbias = if n > 1 {
-        (n as f64 / (n as f64 - 1.0)) as f32
+        n as f64 / (n as f64 - 1.0)
     } else {
         1.0
     };
+    // m, 1 − m (computed in the element type) and the unbias factor.
+    let (m, keep, unbias) = match kb.dt {
+        DType::F32 => {
+            let m = momentum as f32;
+            (m as f64, (1.0 - m) as f64, unbias)
+        }
+        DType::F64 => (momentum, 1.0 - momentum, unbias),
+    };
     over_channels(kb, c, &[0, 1, 2, 3], &[4, 5], &mut |kb, ty, v| {
         let (rm, rv, bm, bv) = (v[0], v[1], v[2], v[3]);
-        let km = konst(kb, ty, m);
-        let keep = konst(kb, ty, 1.0 - m);
-        let ku = konst(kb, ty, unbias);
+        let km = kb.real(ty, m);
+        let keep = kb.real(ty, keep);
+        let ku = kb.real(ty, unbias);
         let a = kb.b.ins().fmul(keep, rm);
         let b = kb.b.ins().fmul(km, bm);
         let new_m = kb.b.ins().fadd(a, b);

@@ -25,9 +25,14 @@
 //! and `v = +∞` it is the identity (bit for bit, NaN aside), so one kernel serves
 //! every policy: `norm`/`layer_norm` pass the scale when they fired, `value`
 //! passes its clamp.
+//!
+//! Compiled for f64, the updates run the same operations on f64 (f64x2 vectors;
+//! the scalars buffer holds f64 too), and [`OptimKernel::SumSquares`] is a plain
+//! scalar loop whose output is read with [`SumSquaresOut::read_f64`].
 
 use super::builder::{Bound, Kb, F32, F32X4};
 use super::elementwise::PerVector;
+use super::DType;
 use super::{Emit, Par};
 use crate::ir::Shape;
 use cranelift_codegen::ir::condcodes::FloatCC;
@@ -56,6 +61,9 @@ pub enum OptimKernel {
     /// two lanes added, and the tail's sequential sum added last. So it is not the
     /// runtime's sequential sum (`optim::sum_sq`) and differs from it by f64
     /// rounding (usually it is closer to the exact sum).
+    ///
+    /// In f64: `out[0] = Σ g²` (a sequential sum), `out[1] = 0`, `out[2] = max
+    /// |g|`; read it with [`SumSquaresOut::read_f64`].
     SumSquares { len: usize },
     /// [`Par::Items`]: `torch.optim.SGD` (dampening 0) on the clipped gradient.
     /// Buffers: `g [len]`, `s [4]` ([`SgdScalars`]), then read and written `p
@@ -181,6 +189,14 @@ impl SumSquaresOut {
         }
     }
 
+    /// Decodes the output buffer of an f64 kernel.
+    pub fn read_f64(out: &[f64; 3]) -> SumSquaresOut {
+        SumSquaresOut {
+            sum_sq: out[0],
+            max_abs: out[2] as f32,
+        }
+    }
+
     /// The result over two adjacent ranges.
     pub fn combine(self, other: SumSquaresOut) -> SumSquaresOut {
         SumSquaresOut {
@@ -266,6 +282,7 @@ impl Emit for OptimKernel {
 
     fn emit(&self, kb: &mut Kb) {
         match *self {
+            OptimKernel::SumSquares { .. } if kb.dt == DType::F64 => sum_squares_f64(kb),
             OptimKernel::SumSquares { .. } => sum_squares(kb),
             OptimKernel::Sgd {
                 momentum,
@@ -288,22 +305,23 @@ impl Emit for OptimKernel {
 /// Vectors per iteration of the unrolled main loop.
 const UNROLL: i64 = 4;
 
-/// Loops over the elements `start..end` of the work range: an f32x4 loop
-/// unrolled [`UNROLL`] times, an f32x4 loop over the leftover whole vectors, a
-/// scalar loop over the tail. `f(kb, ty, ptrs, byte_offset)` handles one f32x4
-/// or f32 at `byte_offset` from each pointer, already advanced to the element.
+/// Loops over the elements `start..end` of the work range: a vector loop
+/// unrolled [`UNROLL`] times, a vector loop over the leftover whole vectors, a
+/// scalar loop over the tail. `f(kb, ty, ptrs, byte_offset)` handles one vector
+/// or scalar at `byte_offset` from each pointer, already advanced to the element.
 /// `ptrs` point at element 0 of their buffers.
 fn over_range(kb: &mut Kb, ptrs: &[Value], f: &mut PerVector) {
     let (start, end) = (kb.start, kb.end);
     let [e_block, e_vec] = range_ends(kb);
+    let (lanes, e, vt, st) = (kb.lanes() as i64, kb.esz(), kb.vty(), kb.sty());
     let loops = [
-        (start, e_block, 4 * UNROLL, F32X4, UNROLL),
-        (e_block, e_vec, 4, F32X4, 1),
-        (e_vec, end, 1, F32, 1),
+        (start, e_block, lanes * UNROLL, vt, UNROLL),
+        (e_block, e_vec, lanes, vt, 1),
+        (e_vec, end, 1, st, 1),
     ];
     for (from, to, step, ty, n) in loops {
         kb.for_range(Bound::Val(from), Bound::Val(to), step, &[], |kb, i, _| {
-            let here: Vec<Value> = ptrs.iter().map(|&p| kb.offset(p, i, 4)).collect();
+            let here: Vec<Value> = ptrs.iter().map(|&p| kb.offset(p, i, e)).collect();
             for u in 0..n {
                 f(kb, ty, &here, 16 * u);
             }
@@ -313,30 +331,33 @@ fn over_range(kb: &mut Kb, ptrs: &[Value], f: &mut PerVector) {
 }
 
 /// The ends of [`over_range`]'s first two loops: `start` plus the whole blocks
-/// of `4·UNROLL` elements, and `start` plus the whole vectors.
+/// of `lanes·UNROLL` elements, and `start` plus the whole vectors.
 fn range_ends(kb: &mut Kb) -> [Value; 2] {
     let (start, end) = (kb.start, kb.end);
+    let lanes = kb.lanes() as i64;
     let n = kb.b.ins().isub(end, start);
-    let blocks = kb.b.ins().band_imm_s(n, !(4 * UNROLL - 1));
-    let vecs = kb.b.ins().band_imm_s(n, !3);
+    let blocks = kb.b.ins().band_imm_s(n, !(lanes * UNROLL - 1));
+    let vecs = kb.b.ins().band_imm_s(n, !(lanes - 1));
     [kb.b.ins().iadd(start, blocks), kb.b.ins().iadd(start, vecs)]
 }
 
-/// A run-time scalar from buffer `s` (element `i`), as an `F32` and an `F32X4`.
+/// A run-time scalar from buffer `s` (element `i`), as a scalar and a vector.
 fn scalar(kb: &mut Kb, s: Value, i: i64) -> [Value; 2] {
-    let x = kb.load_in(F32, s, 4 * i);
-    [x, kb.splat(F32X4, x)]
+    let (e, st, vt) = (kb.esz(), kb.sty(), kb.vty());
+    let x = kb.load_in(st, s, e * i);
+    [x, kb.splat(vt, x)]
 }
 
-/// A compile-time f32 constant, as an `F32` and an `F32X4`.
-fn constant(kb: &mut Kb, k: f32) -> [Value; 2] {
-    let x = kb.b.ins().f32const(k);
-    [x, kb.splat(F32X4, x)]
+/// A compile-time constant (for f32, `k as f32`), as a scalar and a vector.
+fn constant(kb: &mut Kb, k: f64) -> [Value; 2] {
+    let (st, vt) = (kb.sty(), kb.vty());
+    let x = kb.real(st, k);
+    [x, kb.splat(vt, x)]
 }
 
-/// The `F32` or `F32X4` member of a pair from [`scalar`] or [`constant`].
+/// The scalar or vector member of a pair from [`scalar`] or [`constant`].
 fn pick(ty: Type, pair: [Value; 2]) -> Value {
-    if ty == F32 {
+    if !ty.is_vector() {
         pair[0]
     } else {
         pair[1]
@@ -344,12 +365,12 @@ fn pick(ty: Type, pair: [Value; 2]) -> Value {
 }
 
 /// `cond ? a : b` per lane, where `cond` is an `fcmp` result of type `ty`'s
-/// comparison (an `i8` for `F32`, an `I32X4` for `F32X4`).
+/// comparison (an `i8` for a scalar, an `I32X4` for `F32X4`).
 fn select(kb: &mut Kb, ty: Type, cond: Value, a: Value, b: Value) -> Value {
-    if ty == F32 {
+    if !ty.is_vector() {
         kb.b.ins().select(cond, a, b)
     } else {
-        let mask = kb.b.ins().bitcast(F32X4, MemFlagsData::new(), cond);
+        let mask = kb.b.ins().bitcast(ty, MemFlagsData::new(), cond);
         kb.b.ins().bitselect(mask, a, b)
     }
 }
@@ -385,7 +406,8 @@ fn clip_scalars(kb: &mut Kb, s: Value, at: i64) -> [[Value; 2]; 3] {
     let scale = scalar(kb, s, at);
     let v = scalar(kb, s, at + 1);
     let nv = kb.b.ins().fneg(v[0]);
-    let neg_v = [nv, kb.splat(F32X4, nv)];
+    let vt = kb.vty();
+    let neg_v = [nv, kb.splat(vt, nv)];
     [scale, v, neg_v]
 }
 
@@ -502,6 +524,31 @@ fn sum_squares(kb: &mut Kb) {
     kb.store(max, out, 8);
 }
 
+/// [`OptimKernel::SumSquares`] in f64: one sequential sum of squares and one
+/// maximum of magnitudes over the range (see the variant's doc).
+fn sum_squares_f64(kb: &mut Kb) {
+    let (g, out) = (kb.buffer(0), kb.buffer(1));
+    let (start, end) = (kb.start, kb.end);
+    let zero = kb.b.ins().f64const(0.0);
+    let acc = kb.for_range(
+        Bound::Val(start),
+        Bound::Val(end),
+        1,
+        &[zero, zero],
+        |kb, i, a| {
+            let p = kb.offset(g, i, 8);
+            let x = kb.load_in(F64, p, 0);
+            let s = kb.fma(x, x, a[0]);
+            let ax = kb.b.ins().fabs(x);
+            let m = max_skip_nan(kb, F64, a[1], ax);
+            vec![s, m]
+        },
+    );
+    kb.store(acc[0], out, 0);
+    kb.store(zero, out, 8);
+    kb.store(acc[1], out, 16);
+}
+
 /// `v[0] ∘ v[1] ∘ …` as a balanced tree of `op` (`v` non-empty).
 fn tree(kb: &mut Kb, v: &[Value], op: &mut dyn FnMut(&mut Kb, Value, Value) -> Value) -> Value {
     match v {
@@ -523,10 +570,11 @@ fn sgd(kb: &mut Kb, momentum: f64, nesterov: bool, weight_decay: f64) {
     let [scale, v, neg_v] = clip_scalars(kb, s, 1);
     // The first-step flag as a select condition of each type, out of the loops.
     let first = scalar(kb, s, 3);
-    let zero = [kb.zero(F32), kb.zero(F32X4)];
+    let (st, vt) = (kb.sty(), kb.vty());
+    let zero = [kb.zero(st), kb.zero(vt)];
     let is_first = [0, 1].map(|t| kb.b.ins().fcmp(FloatCC::NotEqual, first[t], zero[t]));
-    let wd = constant(kb, weight_decay as f32);
-    let m = constant(kb, momentum as f32);
+    let wd = constant(kb, weight_decay);
+    let m = constant(kb, momentum);
     let mut ptrs = vec![g, p];
     ptrs.extend(buf);
     over_range(kb, &ptrs, &mut |kb, ty, q, off| {
@@ -566,16 +614,20 @@ fn adam(kb: &mut Kb, [beta1, beta2]: [f64; 2], eps: f64, weight_decay: f64, deco
     let neg_step = scalar(kb, s, 1);
     let bc2_sqrt = scalar(kb, s, 2);
     let [scale, clamp, neg_clamp] = clip_scalars(kb, s, 3);
-    // The constants exactly as the runtime computes them.
+    // The constants exactly as the runtime computes them (in f32: `1 − w1`
+    // from the f32 `w1`).
     let w1 = 1.0 - beta1;
-    let w1f = w1 as f32;
     let lerp_low = w1.abs() < 0.5;
-    let w1c = constant(kb, w1f);
-    let one_minus_w1 = constant(kb, 1.0 - w1f);
-    let b2 = constant(kb, beta2 as f32);
-    let w2 = constant(kb, (1.0 - beta2) as f32);
-    let epsc = constant(kb, eps as f32);
-    let wd = constant(kb, weight_decay as f32);
+    let one_minus = match kb.dt {
+        DType::F32 => (1.0 - w1 as f32) as f64,
+        DType::F64 => 1.0 - w1,
+    };
+    let w1c = constant(kb, w1);
+    let one_minus_w1 = constant(kb, one_minus);
+    let b2 = constant(kb, beta2);
+    let w2 = constant(kb, 1.0 - beta2);
+    let epsc = constant(kb, eps);
+    let wd = constant(kb, weight_decay);
     over_range(kb, &[g, p, m, v], &mut |kb, ty, q, off| {
         let raw = kb.load_in(ty, q[0], off);
         let mut g = clip(kb, ty, raw, scale, clamp, neg_clamp);

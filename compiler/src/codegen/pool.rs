@@ -22,10 +22,15 @@
 //! maximum in row-major window order (`x > best`), as the interpreter does
 //! (`interp::argmax_windows`): a NaN first tap stays, later NaNs are skipped.
 //! Average pooling counts padding in the divisor (`count_include_pad=True`).
+//!
+//! In f64 (gradient checks) the same code runs with f64x2 lanes and 8-byte
+//! elements, except that the 2×2 window takes scalars only (its shuffles are
+//! f32x4's).
 
-use super::builder::{Bound, Kb, F32, F32X4};
+use super::builder::{Bound, Kb};
 use super::conv::{runs, Run};
 use super::elementwise::{over_elements, sum_elements, sum_finish, sum_init};
+use super::DType;
 use super::Emit;
 use crate::ir::{Graph, Node, Op, PoolAttrs, Shape};
 use cranelift_codegen::ir::condcodes::FloatCC;
@@ -242,9 +247,12 @@ impl Geom {
     fn cols(&self) -> Vec<Run> {
         runs(self.ow, self.w, self.kw, self.sw, self.pw, 1)
     }
-    /// `1/(kh·kw)`, the average's factor (padding counted).
-    fn inv_taps(&self) -> f32 {
-        1.0 / (self.kh * self.kw) as f32
+    /// `1/(kh·kw)`, the average's factor (padding counted), rounded to `dt`.
+    fn inv_taps(&self, dt: DType) -> f64 {
+        match dt {
+            DType::F32 => (1.0 / (self.kh * self.kw) as f32) as f64,
+            DType::F64 => 1.0 / (self.kh * self.kw) as f64,
+        }
     }
     /// For stride 1 (and padding below the kernel): the pooling whose output is
     /// this one's input gradient. Input position `i` lies in the windows
@@ -274,14 +282,15 @@ impl Geom {
 // ---- building blocks (free functions over `kb.b`) ----
 
 /// Runs `f(kb, ptrs)` for every `(item, channel)` plane of the work range:
-/// `bufs[i] = (pointer, f32 per plane)`, and `ptrs[i]` points at the plane.
+/// `bufs[i] = (pointer, elements per plane)`, and `ptrs[i]` points at the plane.
 fn per_plane(kb: &mut Kb, c: usize, bufs: &[(Value, usize)], f: &mut dyn FnMut(&mut Kb, &[Value])) {
     let start = kb.b.ins().imul_imm_s(kb.start, c as i64);
     let end = kb.b.ins().imul_imm_s(kb.end, c as i64);
+    let e = kb.esz();
     kb.for_range(Bound::Val(start), Bound::Val(end), 1, &[], |kb, q, _| {
         let ptrs: Vec<Value> = bufs
             .iter()
-            .map(|&(p, len)| kb.offset(p, q, 4 * len as i64))
+            .map(|&(p, len)| kb.offset(p, q, e * len as i64))
             .collect();
         f(kb, &ptrs);
         vec![]
@@ -308,16 +317,20 @@ fn for_const(kb: &mut Kb, from: usize, to: usize, f: &mut dyn FnMut(&mut Kb, Val
     }
 }
 
-/// One group of outputs along a row: `f(kb, ty, col, dcol)` handles one f32x4
-/// (four outputs) or one f32 at output column `col + dcol`, where `col` is a
-/// run-time value (`None`: 0) and `dcol` a constant.
+/// One group of outputs along a row: `f(kb, ty, col, dcol)` handles one vector
+/// (four f32 or two f64 outputs) or one scalar at output column `col + dcol`,
+/// where `col` is a run-time value (`None`: 0) and `dcol` a constant.
 type PerGroup<'f> = dyn FnMut(&mut Kb, Type, Option<Value>, usize) + 'f;
 
 /// Covers output columns `o0..o1` of a row: groups of four (`vector`) or single
 /// outputs, a few per iteration of a loop, then the leftover groups and single
 /// outputs straight-line.
 fn over_columns(kb: &mut Kb, o0: usize, o1: usize, vector: bool, f: &mut PerGroup) {
-    let (ty, lanes, unroll) = if vector { (F32X4, 4, 2) } else { (F32, 1, 4) };
+    let (ty, lanes, unroll) = if vector {
+        (kb.vty(), kb.lanes(), 2)
+    } else {
+        (kb.sty(), 1, 4)
+    };
     let step = lanes * unroll;
     let full = (o1 - o0) / step * step;
     if full == step {
@@ -343,8 +356,9 @@ fn over_columns(kb: &mut Kb, o0: usize, o1: usize, vector: bool, f: &mut PerGrou
         f(kb, ty, None, at);
         at += lanes;
     }
+    let st = kb.sty();
     while at < o1 {
-        f(kb, F32, None, at);
+        f(kb, st, None, at);
         at += 1;
     }
 }
@@ -360,7 +374,7 @@ fn at(kb: &mut Kb, base: Value, col: Option<Value>, scale: i64) -> Value {
 /// `mask ? a : b` per lane; `mask` is an `fcmp` (or a combination of them) on
 /// values of type `ty`.
 fn pick(kb: &mut Kb, ty: Type, mask: Value, a: Value, b: Value) -> Value {
-    if ty == F32 {
+    if !ty.is_vector() {
         kb.b.ins().select(mask, a, b)
     } else {
         let m = kb.b.ins().bitcast(ty, MemFlagsData::new(), mask);
@@ -380,12 +394,6 @@ fn max_first(kb: &mut Kb, ty: Type, best: Value, v: Value) -> Value {
     pick(kb, ty, gt, v, best)
 }
 
-/// `k` of type `ty`.
-fn constant(kb: &mut Kb, ty: Type, k: f32) -> Value {
-    let s = kb.b.ins().f32const(k);
-    kb.splat(ty, s)
-}
-
 /// Lanes `idx` of the eight lanes of `a ‖ b` (0–3 from `a`, 4–7 from `b`): one
 /// `shuffle` on the bytes.
 fn shuffle32(kb: &mut Kb, a: Value, b: Value, idx: [u8; 4]) -> Value {
@@ -398,15 +406,16 @@ fn shuffle32(kb: &mut Kb, a: Value, b: Value, idx: [u8; 4]) -> Value {
         .collect();
     let mask = kb.b.func.dfg.immediates.push(ConstantData::from(bytes));
     let r = kb.b.ins().shuffle(ab, bb, mask);
-    kb.b.ins().bitcast(F32X4, le, r)
+    kb.b.ins().bitcast(types::F32X4, le, r)
 }
 
 /// Stores `len` zeros from `ptr`.
 fn zero_fill(kb: &mut Kb, ptr: Value, len: usize) {
-    let z4 = kb.zero(F32X4);
-    let z1 = kb.zero(F32);
+    let (vt, st) = (kb.vty(), kb.sty());
+    let z4 = kb.zero(vt);
+    let z1 = kb.zero(st);
     over_elements(kb, &[ptr], len, &mut |kb, ty, p, off| {
-        kb.store(if ty == F32 { z1 } else { z4 }, p[0], off);
+        kb.store(if !ty.is_vector() { z1 } else { z4 }, p[0], off);
     });
 }
 
@@ -414,7 +423,8 @@ fn zero_fill(kb: &mut Kb, ptr: Value, len: usize) {
 
 /// The four taps of the windows at output column `col + dcol` of the row pair
 /// at `xr` (`w` input columns), row-major: one value each, or for f32x4 the
-/// four neighbouring windows' taps (even and odd columns of two loads per row).
+/// four neighbouring windows' taps (even and odd columns of two loads per row;
+/// f32 only: in f64 the 2×2 kernels take scalars).
 fn taps2(
     kb: &mut Kb,
     ty: Type,
@@ -423,15 +433,16 @@ fn taps2(
     dcol: usize,
     w: usize,
 ) -> [Value; 4] {
-    let xc = at(kb, xr, col, 8);
-    let (base, row) = (8 * dcol as i64, 4 * w as i64);
-    if ty == F32 {
-        [0, 4, row, row + 4].map(|o| kb.load_in(F32, xc, base + o))
+    let e = kb.esz();
+    let xc = at(kb, xr, col, 2 * e);
+    let (base, row) = (2 * e * dcol as i64, e * w as i64);
+    if !ty.is_vector() {
+        [0, e, row, row + e].map(|o| kb.load_in(ty, xc, base + o))
     } else {
-        let a0 = kb.load_in(F32X4, xc, base);
-        let b0 = kb.load_in(F32X4, xc, base + 16);
-        let a1 = kb.load_in(F32X4, xc, base + row);
-        let b1 = kb.load_in(F32X4, xc, base + row + 16);
+        let a0 = kb.load_in(ty, xc, base);
+        let b0 = kb.load_in(ty, xc, base + 16);
+        let a1 = kb.load_in(ty, xc, base + row);
+        let b1 = kb.load_in(ty, xc, base + row + 16);
         [
             shuffle32(kb, a0, b0, [0, 2, 4, 6]),
             shuffle32(kb, a0, b0, [1, 3, 5, 7]),
@@ -445,6 +456,8 @@ fn taps2(
 fn pool2(kb: &mut Kb, g: &Geom, kind: Kind) {
     let (x, y) = (kb.buffer(0), kb.buffer(1));
     let g = *g;
+    let e = kb.esz();
+    let vector = kb.dt == DType::F32;
     per_plane(
         kb,
         g.c,
@@ -452,9 +465,9 @@ fn pool2(kb: &mut Kb, g: &Geom, kind: Kind) {
         &mut |kb, p| {
             let (xp, yp) = (p[0], p[1]);
             for_const(kb, 0, g.oh, &mut |kb, i| {
-                let xr = kb.offset(xp, i, 8 * g.w as i64);
-                let yr = kb.offset(yp, i, 4 * g.ow as i64);
-                over_columns(kb, 0, g.ow, true, &mut |kb, ty, col, dcol| {
+                let xr = kb.offset(xp, i, 2 * e * g.w as i64);
+                let yr = kb.offset(yp, i, e * g.ow as i64);
+                over_columns(kb, 0, g.ow, vector, &mut |kb, ty, col, dcol| {
                     let t = taps2(kb, ty, xr, col, dcol, g.w);
                     let r = match kind {
                         Kind::Max => {
@@ -466,12 +479,12 @@ fn pool2(kb: &mut Kb, g: &Geom, kind: Kind) {
                             let a = kb.b.ins().fadd(t[0], t[1]);
                             let b = kb.b.ins().fadd(t[2], t[3]);
                             let s = kb.b.ins().fadd(a, b);
-                            let k = constant(kb, ty, 0.25);
+                            let k = kb.real(ty, 0.25);
                             kb.b.ins().fmul(s, k)
                         }
                     };
-                    let yc = at(kb, yr, col, 4);
-                    kb.store(r, yc, 4 * dcol as i64);
+                    let yc = at(kb, yr, col, e);
+                    kb.store(r, yc, e * dcol as i64);
                 });
             });
         },
@@ -493,32 +506,34 @@ fn pool2_grad(kb: &mut Kb, g: &Geom, kind: Kind) {
     if let Some(x) = x {
         bufs.push((x, g.plane()));
     }
-    let row = 4 * g.w as i64;
+    let e = kb.esz();
+    let vector = kb.dt == DType::F32;
+    let row = e * g.w as i64;
     per_plane(kb, g.c, &bufs, &mut |kb, p| {
         let (dyp, dxp) = (p[0], p[1]);
         let xp = p.get(2).copied();
         for_const(kb, 0, g.oh, &mut |kb, i| {
-            let dyr = kb.offset(dyp, i, 4 * g.ow as i64);
+            let dyr = kb.offset(dyp, i, e * g.ow as i64);
             let dxr = kb.offset(dxp, i, 2 * row);
             let xr = xp.map(|xp| kb.offset(xp, i, 2 * row));
-            over_columns(kb, 0, g.ow, true, &mut |kb, ty, col, dcol| {
-                let dyc = at(kb, dyr, col, 4);
-                let d = kb.load_in(ty, dyc, 4 * dcol as i64);
+            over_columns(kb, 0, g.ow, vector, &mut |kb, ty, col, dcol| {
+                let dyc = at(kb, dyr, col, e);
+                let d = kb.load_in(ty, dyc, e * dcol as i64);
                 let parts = match (kind, xr) {
                     (Kind::Max, Some(xr)) => {
                         let t = taps2(kb, ty, xr, col, dcol, g.w);
                         first_max_shares(kb, ty, &t, d)
                     }
                     _ => {
-                        let k = constant(kb, ty, 0.25);
+                        let k = kb.real(ty, 0.25);
                         let s = kb.b.ins().fmul(d, k);
                         [s; 4]
                     }
                 };
-                let dxc = at(kb, dxr, col, 8);
-                let base = 8 * dcol as i64;
-                if ty == F32 {
-                    for (v, o) in parts.into_iter().zip([0, 4, row, row + 4]) {
+                let dxc = at(kb, dxr, col, 2 * e);
+                let base = 2 * e * dcol as i64;
+                if !ty.is_vector() {
+                    for (v, o) in parts.into_iter().zip([0, e, row, row + e]) {
                         kb.store(v, dxc, base + o);
                     }
                 } else {
@@ -531,8 +546,9 @@ fn pool2_grad(kb: &mut Kb, g: &Geom, kind: Kind) {
                 }
             });
             if g.w % 2 == 1 {
-                let z = kb.zero(F32);
-                let last = 4 * (g.w as i64 - 1);
+                let st = kb.sty();
+                let z = kb.zero(st);
+                let last = e * (g.w as i64 - 1);
                 kb.store(z, dxr, last);
                 kb.store(z, dxr, last + row);
             }
@@ -558,8 +574,8 @@ fn first_max_shares(kb: &mut Kb, ty: Type, t: &[Value; 4], d: Value) -> [Value; 
     // `d` where the mask is set (`set`) or clear (`!set`), else 0: one `and`
     // (`andn`) for vectors.
     let only = |kb: &mut Kb, mask: Value, set: bool| {
-        if ty == F32 {
-            let zero = kb.zero(F32);
+        if !ty.is_vector() {
+            let zero = kb.zero(ty);
             let (a, b) = if set { (d, zero) } else { (zero, d) };
             kb.b.ins().select(mask, a, b)
         } else {
@@ -592,6 +608,8 @@ fn pool(kb: &mut Kb, g: &Geom, kind: Kind) {
     let g = *g;
     let (rows, cols) = (g.rows(), g.cols());
     let (w, sw, ph, pw) = (g.w as i64, g.sw as i64, g.ph as i64, g.pw as i64);
+    let e = kb.esz();
+    let inv_taps = g.inv_taps(kb.dt);
     per_plane(
         kb,
         g.c,
@@ -600,15 +618,15 @@ fn pool(kb: &mut Kb, g: &Geom, kind: Kind) {
             let (xp, yp) = (p[0], p[1]);
             for r in &rows {
                 for_const(kb, r.o0, r.o1, &mut |kb, oh| {
-                    let xr = kb.offset(xp, oh, 4 * g.sh as i64 * w);
-                    let yr = kb.offset(yp, oh, 4 * g.ow as i64);
+                    let xr = kb.offset(xp, oh, e * g.sh as i64 * w);
+                    let yr = kb.offset(yp, oh, e * g.ow as i64);
                     for c in &cols {
                         over_columns(kb, c.o0, c.o1, g.sw == 1, &mut |kb, ty, col, dcol| {
-                            let xc = at(kb, xr, col, 4 * sw);
+                            let xc = at(kb, xr, col, e * sw);
                             let mut acc: Option<Value> = None;
                             for ky in r.k0 as i64..r.k1 as i64 {
                                 for kx in c.k0 as i64..c.k1 as i64 {
-                                    let off = 4 * ((ky - ph) * w + dcol as i64 * sw + kx - pw);
+                                    let off = e * ((ky - ph) * w + dcol as i64 * sw + kx - pw);
                                     let v = kb.load_in(ty, xc, off);
                                     acc = Some(match (acc, kind) {
                                         (None, _) => v,
@@ -620,14 +638,14 @@ fn pool(kb: &mut Kb, g: &Geom, kind: Kind) {
                             let out = match (acc, kind) {
                                 (Some(a), Kind::Max) => a,
                                 (Some(a), Kind::Avg) => {
-                                    let k = constant(kb, ty, g.inv_taps());
+                                    let k = kb.real(ty, inv_taps);
                                     kb.b.ins().fmul(a, k)
                                 }
                                 // A window wholly in the padding (average only).
                                 (None, _) => kb.zero(ty),
                             };
-                            let yc = at(kb, yr, col, 4);
-                            kb.store(out, yc, 4 * dcol as i64);
+                            let yc = at(kb, yr, col, e);
+                            kb.store(out, yc, e * dcol as i64);
                         });
                     }
                 });
@@ -655,14 +673,16 @@ fn pool_grad(kb: &mut Kb, g: &Geom, kind: Kind) {
     }
     let (rows, cols) = (g.rows(), g.cols());
     let (w, sw, ph, pw) = (g.w as i64, g.sw as i64, g.ph as i64, g.pw as i64);
-    let in_row = 4 * g.sh as i64 * w;
+    let (e, st) = (kb.esz(), kb.sty());
+    let inv_taps = g.inv_taps(kb.dt);
+    let in_row = e * g.sh as i64 * w;
     per_plane(kb, g.c, &bufs, &mut |kb, p| {
         let (dyp, dxp) = (p[0], p[1]);
         let xp = p.get(2).copied();
         zero_fill(kb, dxp, g.plane());
         for r in &rows {
             for_const(kb, r.o0, r.o1, &mut |kb, oh| {
-                let dyr = kb.offset(dyp, oh, 4 * g.ow as i64);
+                let dyr = kb.offset(dyp, oh, e * g.ow as i64);
                 let dxr = kb.offset(dxp, oh, in_row);
                 let xr = xp.map(|xp| kb.offset(xp, oh, in_row));
                 for c in &cols {
@@ -671,29 +691,29 @@ fn pool_grad(kb: &mut Kb, g: &Geom, kind: Kind) {
                     // store buffer cannot forward (~3.5× slower than scalars on a
                     // 3×3 stride-(2,1) average, batch 64×16×28×28).
                     over_columns(kb, c.o0, c.o1, false, &mut |kb, ty, col, dcol| {
-                        let dyc = at(kb, dyr, col, 4);
-                        let d = kb.load_in(ty, dyc, 4 * dcol as i64);
-                        let dxc = at(kb, dxr, col, 4 * sw);
+                        let dyc = at(kb, dyr, col, e);
+                        let d = kb.load_in(ty, dyc, e * dcol as i64);
+                        let dxc = at(kb, dxr, col, e * sw);
                         let offs: Vec<i64> = (r.k0 as i64..r.k1 as i64)
                             .flat_map(|ky| {
                                 (c.k0 as i64..c.k1 as i64)
-                                    .map(move |kx| 4 * ((ky - ph) * w + dcol as i64 * sw + kx - pw))
+                                    .map(move |kx| e * ((ky - ph) * w + dcol as i64 * sw + kx - pw))
                             })
                             .collect();
                         match (kind, xr) {
                             (Kind::Max, Some(xr)) => {
-                                let xc = at(kb, xr, col, 4 * sw);
-                                let mut best = kb.load_in(F32, xc, offs[0]);
+                                let xc = at(kb, xr, col, e * sw);
+                                let mut best = kb.load_in(st, xc, offs[0]);
                                 let mut best_off = kb.iconst(offs[0]);
                                 for &o in &offs[1..] {
-                                    let v = kb.load_in(F32, xc, o);
+                                    let v = kb.load_in(st, xc, o);
                                     let gt = beats(kb, best, v);
-                                    best = pick(kb, F32, gt, v, best);
+                                    best = pick(kb, st, gt, v, best);
                                     let here = kb.iconst(o);
                                     best_off = kb.b.ins().select(gt, here, best_off);
                                 }
                                 let addr = kb.b.ins().iadd(dxc, best_off);
-                                let old = kb.load_out(F32, addr, 0);
+                                let old = kb.load_out(st, addr, 0);
                                 let new = kb.b.ins().fadd(old, d);
                                 kb.store(new, addr, 0);
                             }
@@ -701,7 +721,7 @@ fn pool_grad(kb: &mut Kb, g: &Geom, kind: Kind) {
                                 if offs.is_empty() {
                                     return;
                                 }
-                                let k = constant(kb, ty, g.inv_taps());
+                                let k = kb.real(ty, inv_taps);
                                 let share = kb.b.ins().fmul(d, k);
                                 for &o in &offs {
                                     let old = kb.load_out(ty, dxc, o);
@@ -727,7 +747,8 @@ fn global_avg(kb: &mut Kb, g: &Geom) {
         let acc = sum_init(kb, hw);
         let acc = sum_elements(kb, p[0], hw, &acc);
         let total = sum_finish(kb, hw, &acc);
-        let n = kb.b.ins().f32const(hw as f32);
+        let st = kb.sty();
+        let n = kb.real(st, hw as f64);
         let mean = kb.b.ins().fdiv(total, n);
         kb.store(mean, p[1], 0);
     });
@@ -737,13 +758,14 @@ fn global_avg(kb: &mut Kb, g: &Geom) {
 fn global_avg_grad(kb: &mut Kb, g: &Geom) {
     let (dy, dx) = (kb.buffer(0), kb.buffer(1));
     let hw = g.plane();
+    let (vt, st) = (kb.vty(), kb.sty());
     per_plane(kb, g.c, &[(dy, 1), (dx, hw)], &mut |kb, p| {
-        let d = kb.load_in(F32, p[0], 0);
-        let n = kb.b.ins().f32const(hw as f32);
+        let d = kb.load_in(st, p[0], 0);
+        let n = kb.real(st, hw as f64);
         let v = kb.b.ins().fdiv(d, n);
-        let v4 = kb.splat(F32X4, v);
+        let v4 = kb.splat(vt, v);
         over_elements(kb, &[p[1]], hw, &mut |kb, ty, q, off| {
-            kb.store(if ty == F32 { v } else { v4 }, q[0], off);
+            kb.store(if !ty.is_vector() { v } else { v4 }, q[0], off);
         });
     });
 }

@@ -114,3 +114,103 @@ pub fn check(jit: &mut Jit, op: Op, inputs: &[(Shape, Vec<f32>)], tol: f32, what
         }
     }
 }
+
+/// Uniform in [-1, 1) as f64, with some exact zeros (the ReLU boundary).
+pub fn data64(rng: &mut Rng, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            if rng.next() < 0.05 {
+                0.0
+            } else {
+                rng.next() * 2.0 - 1.0
+            }
+        })
+        .collect()
+}
+
+/// The interpreter's outputs in f64 for `op` applied to `inputs`.
+pub fn oracle64(op: Op, inputs: &[(Shape, Vec<f64>)]) -> Vec<Vec<f64>> {
+    let mut g = Graph::new("one");
+    let ids: Vec<Vid> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (s, _))| g.add_value(format!("in{i}"), s.clone(), Role::Input))
+        .collect();
+    let outs = g.push(op, &ids, None);
+    let feeds = ids
+        .iter()
+        .zip(inputs)
+        .map(|(&v, (s, d))| {
+            let t: Tensor<f64> = ArrayD::from_shape_vec(IxDyn(s), d.clone()).unwrap();
+            (v, t)
+        })
+        .collect();
+    let vals = run(&g, feeds).unwrap();
+    outs.iter()
+        .map(|o| vals.get(*o).iter().copied().collect())
+        .collect()
+}
+
+/// [`check`] in f64: `spec` (the node's kernel, or another kernel computing
+/// `op`) compiled for f64, run over the whole batch and split in two, against the
+/// interpreter in f64; every element within `tol` of the output's scale.
+pub fn check64(
+    jit: &mut Jit,
+    op: Op,
+    spec: Option<KernelSpec>,
+    inputs: &[(Shape, Vec<f64>)],
+    tol: f64,
+    what: &str,
+) {
+    let want = oracle64(op.clone(), inputs);
+    let spec = spec.unwrap_or_else(|| {
+        let mut g = Graph::new("one");
+        let ids: Vec<Vid> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, (s, _))| g.add_value(format!("in{i}"), s.clone(), Role::Input))
+            .collect();
+        g.push(op, &ids, None);
+        KernelSpec::from_node(&g, &g.nodes[0]).expect("a kernel for this op")
+    });
+    let id = jit
+        .compile_dtype(what, spec.clone(), cnnc_compiler::codegen::DType::F64)
+        .unwrap();
+    let ins: Vec<&[f64]> = inputs.iter().map(|(_, d)| d.as_slice()).collect();
+    let batch = spec.work();
+    let mut splits = vec![vec![0..batch]];
+    if batch > 1 {
+        splits.push(vec![0..batch / 2, batch / 2..batch]);
+    }
+    for ranges in splits {
+        let mut outs: Vec<Vec<f64>> = spec
+            .outputs()
+            .iter()
+            .map(|s| vec![f64::NAN; s.iter().product()])
+            .collect();
+        for (i, r) in ranges.iter().enumerate() {
+            if spec.par() == Par::Reduce && i > 0 {
+                let mut part: Vec<Vec<f64>> =
+                    outs.iter().map(|v| vec![f64::NAN; v.len()]).collect();
+                let mut o: Vec<&mut [f64]> = part.iter_mut().map(|v| v.as_mut_slice()).collect();
+                jit.run_f64(id, &ins, &mut o, r.clone()).unwrap();
+                for (acc, p) in outs.iter_mut().zip(&part) {
+                    acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                }
+            } else {
+                let mut o: Vec<&mut [f64]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+                jit.run_f64(id, &ins, &mut o, r.clone()).unwrap();
+            }
+        }
+        for (got, want) in outs.iter().zip(&want) {
+            assert_eq!(got.len(), want.len(), "{what}");
+            let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+            for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (a - b).abs() <= tol * scale,
+                    "{what} {ranges:?}: element {i}: jit {a} vs interpreter {b}"
+                );
+            }
+        }
+    }
+}
