@@ -278,32 +278,7 @@ pub fn compute(
             })
         }
         Method::Cam { layer } => {
-            let model = runner.model().clone();
-            let (source, linear) =
-                cam_parts(&model, *layer).ok_or("the CAM target has no path to global_avg_pool")?;
-            let weight = params
-                .get(&format!("{}.weight", linear.name))
-                .and_then(|t| t.as_f32())
-                .ok_or_else(|| format!("no parameter `{}.weight`", linear.name))?
-                .to_vec();
-            let fshape = model.shape(source).clone();
-            let (k, fh, fw) = (fshape[0] as usize, fshape[1] as usize, fshape[2] as usize);
-            let mut maps = vec![Vec::new(); n];
-            for_each_item(
-                runner,
-                params,
-                GraphKind::Features(source),
-                n,
-                len,
-                |i, buf| buf.copy_from_slice(images.image(i)),
-                |_| 0,
-                &[("features", 0)],
-                |i, o| {
-                    let wc = &weight[classes[i] * k..(classes[i] + 1) * k];
-                    let coarse = weighted_sum_relu(o[0], wc, fh * fw);
-                    maps[i] = upsample_bilinear(&coarse, fh, fw, h, w);
-                },
-            )?;
+            let (maps, _) = cam(runner, params, *layer, images, Some(classes))?;
             Ok(plain(maps))
         }
         Method::GradCam { layer } => {
@@ -334,6 +309,62 @@ pub fn compute(
             Ok(plain(maps))
         }
     }
+}
+
+/// CAM maps of `images` for `classes`, or for each image's predicted class
+/// (`None`: taken from the logits of the same forward pass). Returns the maps
+/// and the classes.
+pub fn cam(
+    runner: &mut Runner,
+    params: &Params,
+    layer: ValueId,
+    images: &Images,
+    classes: Option<&[usize]>,
+) -> Result<(Vec<Vec<f32>>, Vec<usize>), String> {
+    let [_, h, w] = images.shape;
+    let model = runner.model().clone();
+    let (source, linear) =
+        cam_parts(&model, layer).ok_or("the CAM target has no path to global_avg_pool")?;
+    let weight = params
+        .get(&format!("{}.weight", linear.name))
+        .and_then(|t| t.as_f32())
+        .ok_or_else(|| format!("no parameter `{}.weight`", linear.name))?
+        .to_vec();
+    let fshape = model.shape(source).clone();
+    let (k, fh, fw) = (fshape[0] as usize, fshape[1] as usize, fshape[2] as usize);
+    let mut maps = vec![Vec::new(); images.n];
+    let mut chosen = vec![0; images.n];
+    for_each_item(
+        runner,
+        params,
+        GraphKind::Features(source),
+        images.n,
+        images.len_one(),
+        |i, buf| buf.copy_from_slice(images.image(i)),
+        |_| 0,
+        &[("features", 0), ("logits", 0)],
+        |i, o| {
+            let c = classes.map_or_else(|| argmax(o[1]), |c| c[i]);
+            chosen[i] = c;
+            let wc = &weight[c * k..(c + 1) * k];
+            let coarse = weighted_sum_relu(o[0], wc, fh * fw);
+            maps[i] = upsample_bilinear(&coarse, fh, fw, h, w);
+        },
+    )?;
+    Ok((maps, chosen))
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+            if x > best.1 {
+                (i, x)
+            } else {
+                best
+            }
+        })
+        .0
 }
 
 /// `max_c |v[c, p]|` for each position `p` of `v` (`c × hw`).
