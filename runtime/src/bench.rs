@@ -313,6 +313,10 @@ pub fn run(
     let cfg = train.ok_or(RunError::NoTrain)?;
     let n = usize::try_from(cfg.batch).unwrap_or(usize::MAX);
     let Loss::CrossEntropy { smoothing } = cfg.loss;
+    let available = crate::memory::available_bytes();
+    if let Some(why) = crate::memory::too_big(model, cfg, cfg.batch, available) {
+        return Err(RunError::OutOfMemory(why));
+    }
     train::check_jit_limits(opts.engine, n, || train_graph(model, n, smoothing))?;
     let classes = model.shape(model.output()).first().copied().unwrap_or(1);
     let batch = synthetic_batch(&model.input, classes, n, cfg.seed);

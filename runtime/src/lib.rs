@@ -10,6 +10,7 @@ pub mod codes;
 pub mod commands;
 pub mod data;
 pub mod explain;
+pub mod memory;
 pub mod optim;
 pub mod params;
 pub mod render;

@@ -49,6 +49,8 @@ pub enum RunError {
     TooLargeForJit { batch: usize, reason: String },
     #[error("{0}")]
     Explain(String),
+    #[error("{0}")]
+    OutOfMemory(String),
     #[error("internal error in the backend: {message}")]
     Backend { message: String },
 }
@@ -302,6 +304,10 @@ pub fn run(
     let cfg = train.ok_or(RunError::NoTrain)?;
     let Loss::CrossEntropy { smoothing } = cfg.loss;
     let n = usize::try_from(cfg.batch).unwrap_or(usize::MAX);
+    let available = crate::memory::available_bytes();
+    if let Some(why) = crate::memory::too_big(model, cfg, cfg.batch, available) {
+        return Err(RunError::OutOfMemory(why));
+    }
     check_jit_limits(opts.engine, n, || train_graph(model, n, smoothing))?;
     let base = file.parent().unwrap_or(Path::new("."));
     let splits = data::load(&cfg.data, base)?;
