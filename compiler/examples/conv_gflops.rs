@@ -114,6 +114,7 @@ fn main() {
                 attrs,
                 bias,
                 relu,
+                stats: false,
             })
         };
         let y = forward(false, false).outputs()[0].clone();

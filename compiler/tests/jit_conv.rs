@@ -10,7 +10,7 @@
 mod common;
 
 use cnnc_compiler::codegen::conv::ConvKernel;
-use cnnc_compiler::codegen::{Jit, KernelSpec, Par};
+use cnnc_compiler::codegen::{Jit, KernelId, KernelSpec, Par};
 use cnnc_compiler::ir::*;
 use common::{check, oracle, Rng};
 
@@ -272,37 +272,57 @@ fn large_images_are_packed_in_chunks() {
     }
 }
 
+/// The work ranges a kernel is run over: the whole batch, and (batch > 1) split
+/// in two.
+fn splits(batch: usize) -> Vec<Vec<std::ops::Range<usize>>> {
+    let mut splits = vec![vec![0..batch]];
+    if batch > 1 {
+        splits.push(vec![0..batch / 2, batch / 2..batch]);
+    }
+    splits
+}
+
+/// Runs kernel `id` (compiled from `spec`) over `ranges`, adding the partials of
+/// a `Par::Reduce` kernel; outputs start as NaN, so every element must be
+/// written.
+fn run_ranges(
+    j: &mut Jit,
+    id: KernelId,
+    spec: &KernelSpec,
+    inputs: &[&[f32]],
+    ranges: &[std::ops::Range<usize>],
+) -> Vec<Vec<f32>> {
+    let batch = spec.work();
+    let mut outs: Vec<Vec<f32>> = spec
+        .outputs()
+        .iter()
+        .map(|s| vec![0.0; s.iter().product()])
+        .collect();
+    for r in ranges {
+        let mut part: Vec<Vec<f32>> = outs.iter().map(|v| vec![f32::NAN; v.len()]).collect();
+        let mut o: Vec<&mut [f32]> = part.iter_mut().map(|v| v.as_mut_slice()).collect();
+        j.run(id, inputs, &mut o, r.clone()).unwrap();
+        for (acc, p) in outs.iter_mut().zip(&part) {
+            if spec.par() == Par::Reduce {
+                acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            } else {
+                // Items: the range's items are written (the others are NaN).
+                let item = acc.len() / batch;
+                let at = r.start * item..r.end * item;
+                acc[at.clone()].copy_from_slice(&p[at]);
+            }
+        }
+    }
+    outs
+}
+
 /// Runs `spec` over the whole batch and split in two work ranges (adding the
 /// partials of a `Par::Reduce` kernel) and compares with `want`.
 fn run_split(j: &mut Jit, spec: KernelSpec, inputs: &[&[f32]], want: &[Vec<f32>], what: &str) {
     let tol = tolerance(want);
     let id = j.compile(what, spec.clone()).unwrap();
-    let batch = spec.work();
-    let mut splits = vec![vec![0..batch]];
-    if batch > 1 {
-        splits.push(vec![0..batch / 2, batch / 2..batch]);
-    }
-    for ranges in splits {
-        let mut outs: Vec<Vec<f32>> = spec
-            .outputs()
-            .iter()
-            .map(|s| vec![0.0; s.iter().product()])
-            .collect();
-        for r in &ranges {
-            let mut part: Vec<Vec<f32>> = outs.iter().map(|v| vec![f32::NAN; v.len()]).collect();
-            let mut o: Vec<&mut [f32]> = part.iter_mut().map(|v| v.as_mut_slice()).collect();
-            j.run(id, inputs, &mut o, r.clone()).unwrap();
-            for (acc, p) in outs.iter_mut().zip(&part) {
-                if spec.par() == Par::Reduce {
-                    acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-                } else {
-                    // Items: the range's items are written (the others are NaN).
-                    let item = acc.len() / batch;
-                    let at = r.start * item..r.end * item;
-                    acc[at.clone()].copy_from_slice(&p[at]);
-                }
-            }
-        }
+    for ranges in splits(spec.work()) {
+        let outs = run_ranges(j, id, &spec, inputs, &ranges);
         for (got, want) in outs.iter().zip(want) {
             for (i, (a, b)) in got.iter().zip(want).enumerate() {
                 assert!(
@@ -349,6 +369,7 @@ fn forward_fuses_bias_and_relu() {
             attrs: c.a,
             bias,
             relu,
+            stats: false,
         });
         let mut inputs: Vec<&[f32]> = vec![&x, &w];
         if bias {
@@ -356,6 +377,96 @@ fn forward_fuses_bias_and_relu() {
         }
         let what = format!("{} bias {bias} relu {relu}", c.what("conv2d"));
         run_split(&mut j, spec, &inputs, &[y], &what);
+    }
+}
+
+/// `Forward { stats: true }` (the epilogue of a conv feeding a training
+/// batchnorm): `y` as without it, and per item and channel the sum `s` and the
+/// squared deviations from the row's own mean `q` of the *written* `y` (after
+/// bias and ReLU), against f64 sums of the kernel's own `y` (so the conv's
+/// rounding does not count): `s` within 1e-5 of `Σ|y|`, `q` within 1e-5 of
+/// `Σ y²`. Whole and split work ranges give the same partials, bit for bit.
+#[test]
+fn forward_writes_batchnorm_partials() {
+    let (mut rng, mut j) = (Rng(0xc0_0008), jit());
+    for i in 0..32 {
+        let mut c = if i % 4 == 0 {
+            random_pointwise(&mut rng)
+        } else {
+            random_case(&mut rng)
+        };
+        if i % 3 == 0 {
+            c.x[0] = 1;
+        }
+        let (bias, relu) = (i % 2 == 1, i % 8 >= 6);
+        // Every third case off-centre (a large mean against the spread).
+        let shift = if i % 3 == 2 { 3.0 } else { 0.0 };
+        let x: Vec<f32> = rng
+            .data(c.x().iter().product())
+            .iter()
+            .map(|v| v + shift)
+            .collect();
+        let w = rng.data(c.w().iter().product());
+        let b = rng.data(c.o);
+        let mut want = oracle(Op::Conv2d(c.a), &[(c.x(), x.clone()), (c.w(), w.clone())]).remove(0);
+        let plane = c.y()[2] * c.y()[3];
+        for (i, v) in want.iter_mut().enumerate() {
+            if bias {
+                *v += b[i / plane % c.o];
+            }
+            if relu {
+                *v = if *v > 0.0 { *v } else { 0.0 };
+            }
+        }
+        let spec = KernelSpec::Conv(ConvKernel::Forward {
+            x: c.x(),
+            w: c.w(),
+            attrs: c.a,
+            bias,
+            relu,
+            stats: true,
+        });
+        let what = format!("{} bias {bias} relu {relu} stats", c.what("conv2d"));
+        let id = j.compile(&what, spec.clone()).unwrap();
+        let mut inputs: Vec<&[f32]> = vec![&x, &w];
+        if bias {
+            inputs.push(&b);
+        }
+        let mut first: Option<Vec<Vec<f32>>> = None;
+        for ranges in splits(spec.work()) {
+            let outs = run_ranges(&mut j, id, &spec, &inputs, &ranges);
+            let (y, s, q) = (&outs[0], &outs[1], &outs[2]);
+            let tol = tolerance(std::slice::from_ref(&want));
+            for (k, (a, e)) in y.iter().zip(&want).enumerate() {
+                assert!((a - e).abs() <= tol, "{what}: y[{k}]: {a} vs {e}");
+            }
+            assert_eq!(s.len(), c.x[0] * c.o, "{what}: partials are [N, O]");
+            for (row, yr) in y.chunks(plane).enumerate() {
+                let sum: f64 = yr.iter().map(|&v| v as f64).sum();
+                let abs: f64 = yr.iter().map(|&v| (v as f64).abs()).sum();
+                let mean = sum / plane as f64;
+                let sq: f64 = yr.iter().map(|&v| (v as f64 - mean).powi(2)).sum();
+                let sq_scale: f64 = yr.iter().map(|&v| (v as f64).powi(2)).sum();
+                let (gs, gq) = (s[row] as f64, q[row] as f64);
+                assert!(
+                    (gs - sum).abs() <= 1e-5 * abs.max(1e-3),
+                    "{what}: s[{row}] = {gs} vs {sum}"
+                );
+                assert!(
+                    (gq - sq).abs() <= 1e-5 * sq_scale.max(1e-3),
+                    "{what}: q[{row}] = {gq} vs {sq}"
+                );
+            }
+            match &first {
+                None => first = Some(outs),
+                Some(f) => {
+                    let bits = |v: &[Vec<f32>]| -> Vec<u32> {
+                        v.iter().flatten().map(|x| x.to_bits()).collect()
+                    };
+                    assert_eq!(bits(f), bits(&outs), "{what}: split ranges differ");
+                }
+            }
+        }
     }
 }
 
@@ -423,6 +534,7 @@ fn depthwise_convolutions_are_left_to_their_module() {
         attrs: a,
         bias: false,
         relu: false,
+        stats: false,
     });
     run_split(&mut j, spec, &[&xd, &wd], &fwd, "depthwise forward");
     let op = Op::Conv2dGradInput(a, [9, 7]);

@@ -393,6 +393,236 @@ fn large_batches_are_accurate() {
     );
 }
 
+/// Per-item partials of `x` as the conv epilogue writes them (`s[n, c]`,
+/// `q[n, c]`, summed in f64 here and rounded once).
+fn partials(shape: &Shape, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let inner: usize = shape[2..].iter().product();
+    let (mut s, mut q) = (Vec::new(), Vec::new());
+    for row in x.chunks(inner) {
+        let sum: f64 = row.iter().map(|&v| v as f64).sum();
+        let mean = sum / inner as f64;
+        let sq: f64 = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum();
+        s.push(sum as f32);
+        q.push(sq as f32);
+    }
+    (s, q)
+}
+
+/// `BnCombine` (the batch statistics from per-item partials) against the
+/// interpreter's `BatchNorm` statistics, on the forward tests' shapes with
+/// every third case off-centre, and the large off-centre case against the f64
+/// interpreter within 1e-5 (the between-item term keeps the two-pass accuracy).
+#[test]
+fn statistics_from_per_item_partials_match_the_interpreter() {
+    let mut rng = Rng(0x5eed_b406);
+    let mut j = Jit::new().unwrap();
+    let mut all = shapes(&mut rng);
+    all.push(vec![64, 2, 28, 28]);
+    for (i, shape) in all.iter().enumerate() {
+        let c = shape[1];
+        let large = numel(shape) > 100_000;
+        let (scale, offset) = if large || i % 3 == 2 {
+            (0.5, 3.0)
+        } else {
+            (1.0, 0.0)
+        };
+        let x = data(&mut rng, numel(shape), scale, offset);
+        let (s, q) = partials(shape, &x);
+        let spec = NormKernel::BnCombine {
+            shape: shape.clone(),
+        };
+        let got = run(&mut j, spec, &[&s, &q], false);
+        let t = |s: &Shape, d: &[f32]| (s.clone(), d.to_vec());
+        let ones = vec![1.0; c];
+        let cs = vec![c];
+        let want = oracle(
+            Op::BatchNorm { eps: 1e-5 },
+            &[t(shape, &x), t(&cs, &ones), t(&cs, &ones)],
+        );
+        let what = format!("batchnorm statistics from partials {shape:?}");
+        close(&got[0], &want[1], FWD_TOL, &format!("{what}: mean"));
+        close(&got[1], &want[2], FWD_TOL, &format!("{what}: var"));
+        if large {
+            let x64: Tensor<f64> =
+                ArrayD::from_shape_vec(IxDyn(shape), x.iter().map(|&v| v as f64).collect())
+                    .unwrap();
+            let p = ArrayD::from_elem(IxDyn(&cs), 1.0);
+            let outs = [shape.clone(), cs.clone(), cs.clone()];
+            let exact = eval(&Op::BatchNorm { eps: 1e-5 }, &[&x64, &p, &p], &outs);
+            for (k, name) in [(1, "mean"), (2, "var")] {
+                let err = got[k - 1]
+                    .iter()
+                    .zip(exact[k].iter())
+                    .map(|(a, e)| (*a as f64 - e).abs() / e.abs().max(1.0))
+                    .fold(0.0, f64::max);
+                eprintln!("statistics from partials {name}: |jit − f64| = {err:.2e}");
+                assert!(err <= 1e-5, "{what}: {name} error {err:e} against f64");
+            }
+        }
+    }
+}
+
+mod fused_statistics {
+    //! The conv epilogue's batch-norm partials (plan rule 5) in whole training
+    //! graphs: random convolutions (strides, padding, dilation, groups, odd
+    //! sizes, batch 1) followed by a training batchnorm, with the conv's bias,
+    //! a ReLU between them, or a second conv → batchnorm; the plan must fuse
+    //! them, every output must match the interpreter within 5e-4 of its scale
+    //! on 1 and 2 threads, and be identical, bit for bit, on 1, 2 and 3 threads.
+    //!
+    //! The interpreter runs in f64 here: some outputs are sums that cancel to
+    //! about 0 (the bias gradient of a batchnorm followed by another one), where
+    //! the f32 interpreter's sequential sums are off by 5e-4 themselves (seen:
+    //! exact −4e-13, JIT −1.1e-5, f32 interpreter 5.3e-4).
+
+    use super::*;
+    use cnnc_compiler::codegen::exec::Executable;
+    use cnnc_compiler::interp::run as interpret;
+    use cnnc_compiler::ir::lower::train_graph;
+    use cnnc_compiler::pipeline::check_text;
+
+    /// Random feeds for every input, parameter and buffer of `g`.
+    fn feeds(g: &Graph, rng: &mut Rng, offset: f32) -> Vec<(Vid, Vec<f32>)> {
+        let mut out = Vec::new();
+        for (i, v) in g.values.iter().enumerate() {
+            let n: usize = v.shape.iter().product();
+            let data = match (v.role, v.name.as_str()) {
+                (Role::Temp, _) => continue,
+                (Role::Input, "labels") => (0..n).map(|k| (k % 3) as f32).collect(),
+                (Role::Input, "image") => data(rng, n, 1.0, offset),
+                (Role::Buffer, name) if name.ends_with("running_var") => {
+                    (0..n).map(|_| 0.5 + rng.next() as f32).collect()
+                }
+                _ => rng.data(n),
+            };
+            out.push((Vid(i), data));
+        }
+        out
+    }
+
+    fn executable(g: &Graph, threads: usize, feeds: &[(Vid, Vec<f32>)]) -> Executable {
+        let mut exe = Executable::new(g, threads).unwrap();
+        for (v, d) in feeds {
+            let name = &g.values[v.0].name;
+            if exe.has_feed(name) {
+                exe.feed(name, d).unwrap();
+            }
+        }
+        exe.run();
+        exe
+    }
+
+    /// A random conv layer whose output is not depthwise (groups == C > 1).
+    fn conv(rng: &mut Rng, c: usize, bias: bool) -> (String, usize) {
+        let groups = if c.is_multiple_of(2) && c > 2 && rng.next() < 0.4 {
+            2
+        } else {
+            1
+        };
+        let o = groups * rng.int(1, 5);
+        let k = rng.int(1, 4);
+        let (s, p, d) = (rng.int(1, 3), rng.int(0, k / 2 + 1), rng.int(1, 2));
+        let layer = format!(
+            "conv({o}, kernel={k}, stride={s}, pad={p}, dilation={d}, groups={groups}, bias={bias})"
+        );
+        (layer, o)
+    }
+
+    fn model(rng: &mut Rng, variant: usize) -> String {
+        let c = rng.int(1, 6);
+        // Mostly odd sizes.
+        let (h, w) = (2 * rng.int(1, 7) + 1, rng.int(3, 14));
+        let (first, o) = conv(rng, c, variant == 1);
+        let mut layers = vec![first];
+        match variant {
+            // conv → batchnorm → relu: BnApply+relu after the fused statistics.
+            0 => layers.extend(["batchnorm".into(), "relu".into()]),
+            // conv + bias → batchnorm: the statistics of y + b.
+            1 => layers.push("batchnorm".into()),
+            // conv → relu → batchnorm: the statistics of the relu's output.
+            2 => layers.extend(["relu".into(), "batchnorm".into()]),
+            // Two fused pairs in a row.
+            _ => {
+                let (second, _) = conv(rng, o, false);
+                layers.extend([
+                    "batchnorm".into(),
+                    "relu".into(),
+                    second,
+                    "batchnorm".into(),
+                ]);
+            }
+        }
+        let mut s = format!("model F {{\n  input image: [{c}, {h}, {w}]\n");
+        for l in layers {
+            s.push_str(&format!("  {l}\n"));
+        }
+        s.push_str("  global_avg_pool\n  linear(3)\n}\n");
+        s
+    }
+
+    #[test]
+    fn fused_conv_batchnorm_statistics_match_the_interpreter() {
+        let mut rng = Rng(0x5eed_b407);
+        let mut ran = 0;
+        for i in 0..48 {
+            let src = model(&mut rng, i % 4);
+            let fe = check_text("fused.cnn", &src);
+            if fe.has_errors() {
+                continue; // a window larger than the padded input
+            }
+            let m = fe.files[0].checked.as_ref().unwrap().model.clone().unwrap();
+            let batch = [1, 2, 3, 5][rng.int(0, 3)];
+            let g = train_graph(&m, batch, 0.0);
+            let offset = if i % 3 == 2 { 3.0 } else { 0.0 };
+            let feeds = feeds(&g, &mut rng, offset);
+            let tensors: Vec<(Vid, Tensor<f64>)> = feeds
+                .iter()
+                .map(|(v, d)| {
+                    let d = d.iter().map(|&x| x as f64).collect();
+                    let t = ArrayD::from_shape_vec(IxDyn(g.shape(*v)), d).unwrap();
+                    (*v, t)
+                })
+                .collect();
+            let want = interpret(&g, tensors).unwrap();
+            let mut bits: Option<Vec<Vec<u32>>> = None;
+            for threads in [1, 2, 3] {
+                let exe = executable(&g, threads, &feeds);
+                let plan = exe.plan().dump();
+                assert!(
+                    plan.contains("+batchnorm_sums"),
+                    "{src}: not fused:\n{plan}"
+                );
+                let got: Vec<Vec<u32>> = g
+                    .outputs
+                    .iter()
+                    .map(|(n, _)| exe.get(n).unwrap().iter().map(|v| v.to_bits()).collect())
+                    .collect();
+                match &bits {
+                    None => bits = Some(got),
+                    Some(b) => assert!(*b == got, "{src}: 1 and {threads} threads differ"),
+                }
+                if threads == 3 {
+                    continue;
+                }
+                for (name, v) in &g.outputs {
+                    let w: Vec<f64> = want.get(*v).iter().copied().collect();
+                    let got = exe.get(name).unwrap();
+                    let scale = w.iter().fold(1f64, |m, x| m.max(x.abs()));
+                    for (k, (&a, b)) in got.iter().zip(&w).enumerate() {
+                        assert!(
+                            (a as f64 - b).abs() <= 5e-4 * scale,
+                            "{src} batch {batch}, {threads} threads: {name}[{k}]: jit {a} vs interpreter {b}\n{plan}"
+                        );
+                    }
+                }
+            }
+            ran += 1;
+        }
+        eprintln!("{ran} of 48 fused models checked and compared");
+        assert!(ran >= 30, "only {ran} of 48 models checked");
+    }
+}
+
 #[test]
 fn only_single_node_ops_map_to_one_kernel() {
     let mut g = Graph::new("bn");

@@ -12,6 +12,7 @@
 //! Forward      col[K, P] = im2col(x[n, g])                  (generated)
 //!              y[n, g] (Og×P) = w_g (Og×K) · col            (sgemm)
 //!              y[n] = max(y[n] + b, 0)                      (generated, fused)
+//!              s[n, o], q[n, o] = batch-norm partials of y  (generated, fused)
 //! GradInput    col = w_gᵀ (K×Og) · dy[n, g] (Og×P)          (sgemm)
 //!              dx[n, g] = col2im(col)                       (generated)
 //! GradWeight   col = im2col(x[n, g])                        (generated)
@@ -97,14 +98,22 @@ pub enum ConvKernel {
     },
     /// conv2d forward by im2col + sgemm, then `+ b[o]` when `bias` and
     /// `max(·, 0)` (NaN → 0) when `relu`, fused while `y[n]` is in cache:
-    /// `(x[N,C,H,W], w[O,C/g,KH,KW][, b[O]]) → y[N,O,OH,OW]`.
-    /// Buffers: `x`, `w`, `b` (only when `bias`), `y`, scratch.
+    /// `(x[N,C,H,W], w[O,C/g,KH,KW][, b[O]]) → y[N,O,OH,OW]`. With `stats`, the
+    /// epilogue also writes the batch-norm partials of the final `y` (see
+    /// [`norm::row_moments`]): `s[n, o] = Σ_p y[n, o, p]` and `q[n, o] = Σ_p
+    /// (y[n, o, p] − s[n, o]/(OH·OW))²`, both `[N, O]`, one row per item (so
+    /// any split of the batch writes the same values).
+    /// Buffers: `x`, `w`, `b` (only when `bias`), `y`, `s`, `q` (only when
+    /// `stats`), scratch.
+    ///
+    /// [`norm::row_moments`]: super::norm::row_moments
     Forward {
         x: Shape,
         w: Shape,
         attrs: ConvAttrs,
         bias: bool,
         relu: bool,
+        stats: bool,
     },
     /// The input gradient by sgemm + col2im:
     /// `(dy[N,O,OH,OW], w[O,C/g,KH,KW]) → dx[N,C,H,W]`, `input = [H, W]`.
@@ -139,6 +148,7 @@ impl ConvKernel {
                 attrs: *a,
                 bias: false,
                 relu: false,
+                stats: false,
             },
             // x's channels are w[1]·groups.
             Op::Conv2dGradInput(a, hw) if !depthwise(a, shape(1)[1] * a.groups) => {
@@ -236,7 +246,12 @@ impl Emit for ConvKernel {
 
     fn outputs(&self) -> Vec<Shape> {
         let [a, b] = self.operands();
-        self.op().infer(&[a, b]).expect("validated when compiled")
+        let mut v = self.op().infer(&[a, b]).expect("validated when compiled");
+        if let ConvKernel::Forward { stats: true, .. } = self {
+            let partials = vec![a[0], b[0]];
+            v.extend([partials.clone(), partials]);
+        }
+        v
     }
 
     fn scratch(&self) -> usize {
@@ -279,7 +294,9 @@ impl Emit for ConvKernel {
         let geo = self.geom();
         match self {
             ConvKernel::Direct { .. } => conv2d(kb, &geo),
-            ConvKernel::Forward { bias, relu, .. } => forward(kb, &geo, *bias, *relu),
+            ConvKernel::Forward {
+                bias, relu, stats, ..
+            } => forward(kb, &geo, *bias, *relu, *stats),
             ConvKernel::GradInput { .. } => grad_input(kb, &geo),
             ConvKernel::GradWeight { .. } => grad_weight(kb, &geo),
         }
@@ -1050,6 +1067,13 @@ fn call_sgemm(
     accumulate: Value,
 ) {
     debug_assert_eq!(kb.b.func.dfg.value_type(accumulate), types::I32);
+    // Checked mode: the spans the GEMM reads and writes (last element + 1).
+    if m > 0 && n > 0 && k > 0 {
+        let e = kb.esz();
+        kb.check_span(a.ptr, e * ((m - 1) * a.rs + (k - 1) * a.cs + 1) as i64);
+        kb.check_span(b.ptr, e * ((k - 1) * b.rs + (n - 1) * b.cs + 1) as i64);
+        kb.check_span(c, e * ((m - 1) * ldc + n) as i64);
+    }
     let sizes = |kb: &mut Kb, v: &[usize]| -> Vec<Value> {
         v.iter().map(|&x| kb.iconst(x as i64)).collect()
     };
@@ -1095,13 +1119,13 @@ impl Steps {
 /// Loops over the batch items `n` of the work range and the groups `g`:
 /// `body(kb, n, x[n, g], y[n, g], w_g)` per group, for pointers `x`, `y`, `w` in
 /// the forward convolution's roles (`dx`, `dy`, `dw` in the gradients'), then
-/// `after(kb, y[n])` per item.
+/// `after(kb, n, y[n])` per item.
 fn items_and_groups(
     kb: &mut Kb,
     g: &ConvGeom,
     [x, y, w]: [Value; 3],
     body: &mut dyn FnMut(&mut Kb, Value, Value, Value, Value),
-    after: &mut dyn FnMut(&mut Kb, Value),
+    after: &mut dyn FnMut(&mut Kb, Value, Value),
 ) {
     let s = Steps::new(g, kb.esz());
     let (start, end) = (kb.start, kb.end);
@@ -1121,7 +1145,7 @@ fn items_and_groups(
                 vec![]
             },
         );
-        after(kb, yn);
+        after(kb, n, yn);
         vec![]
     });
 }
@@ -1151,14 +1175,15 @@ fn channel_chunks(kb: &mut Kb, g: &ConvGeom, f: &mut dyn FnMut(&mut Kb, Value, u
 }
 
 /// conv2d forward by im2col + sgemm with the fused epilogue. Buffers: `x`, `w`,
-/// `b` (when `bias`), `y`, scratch (unless pointwise). Per group, `y_g = Σ over
-/// channel chunks of w_g[:, chunk] · col(chunk)`.
-fn forward(kb: &mut Kb, g: &ConvGeom, bias: bool, relu: bool) {
+/// `b` (when `bias`), `y`, `s`, `q` (when `stats`), scratch (unless pointwise).
+/// Per group, `y_g = Σ over channel chunks of w_g[:, chunk] · col(chunk)`.
+fn forward(kb: &mut Kb, g: &ConvGeom, bias: bool, relu: bool, stats: bool) {
     let e = kb.esz();
     let (x, w) = (kb.buffer(0), kb.buffer(1));
     let b = bias.then(|| kb.buffer(2));
     let y = kb.buffer(2 + bias as usize);
-    let col = (!g.pointwise()).then(|| kb.buffer(3 + bias as usize));
+    let sq = stats.then(|| (kb.buffer(3 + bias as usize), kb.buffer(4 + bias as usize)));
+    let col = (!g.pointwise()).then(|| kb.buffer(3 + bias as usize + 2 * stats as usize));
     let (k, p, ld, taps) = (g.rows(), g.positions(), g.ld(), g.kh * g.kw);
     let plane = e * (g.h * g.w) as i64;
     if let Some(col) = col {
@@ -1198,28 +1223,52 @@ fn forward(kb: &mut Kb, g: &ConvGeom, bias: bool, relu: bool) {
                 call_sgemm(kb, g.og(), p, channels * taps, a, bm, yg, p, accumulate);
             });
         },
-        &mut |kb, yn| {
-            if bias || relu {
-                epilogue(kb, g, yn, b, relu);
+        &mut |kb, n, yn| {
+            if bias || relu || stats {
+                let sq = sq.map(|(s, q)| {
+                    let row = e * g.o as i64;
+                    (kb.offset(s, n, row), kb.offset(q, n, row))
+                });
+                epilogue(kb, g, yn, b, relu, sq);
             }
         },
     );
 }
 
 /// `y[n] = y[n] + b[o]` (when `b`), then `max(·, 0)` with NaN → 0 (when `relu`),
-/// in place over one item `y[O, OH, OW]` at `yn`, a channel at a time.
-fn epilogue(kb: &mut Kb, g: &ConvGeom, yn: Value, b: Option<Value>, relu: bool) {
+/// in place over one item `y[O, OH, OW]` at `yn`, a channel at a time; with
+/// `stats = Some((s, q))` (item `n`'s rows of the partials), then the channel's
+/// sum and squared deviations of the result ([`norm::row_moments`]), stored to
+/// `s[o]`, `q[o]` while the channel is in L1.
+///
+/// [`norm::row_moments`]: super::norm::row_moments
+fn epilogue(
+    kb: &mut Kb,
+    g: &ConvGeom,
+    yn: Value,
+    b: Option<Value>,
+    relu: bool,
+    stats: Option<(Value, Value)>,
+) {
     let (e, st, vt) = (kb.esz(), kb.sty(), kb.vty());
     let p = g.positions();
+    // f32: the statistics of the whole item in one native call, after the
+    // channel loop; f64: generated, per channel.
+    let (native, stats) = match kb.dt {
+        DType::F32 => (stats, None),
+        DType::F64 => (None, stats),
+    };
     // relu(v) is idempotent, so a last vector may overlap the one before.
     let how = if b.is_some() {
         Pieces::Vectors
     } else {
         Pieces::Overlapping
     };
+    let per_channel = b.is_some() || relu || stats.is_some();
+    let channels = if per_channel { g.o as i64 } else { 0 };
     kb.for_range(
         Bound::Const(0),
-        Bound::Const(g.o as i64),
+        Bound::Const(channels),
         1,
         &[],
         |kb, o, _| {
@@ -1229,20 +1278,37 @@ fn epilogue(kb: &mut Kb, g: &ConvGeom, yn: Value, b: Option<Value>, relu: bool) 
                 (bs, kb.splat(vt, bs))
             });
             let yo = kb.offset(yn, o, e * p as i64);
-            span(kb, p, how, &mut |kb, ty, at| {
-                let (yp, off) = at.addr(kb, yo, 0, 1);
-                let mut v = kb.load_out(ty, yp, off);
-                if let Some((bs, bv)) = bias {
-                    v = kb.b.ins().fadd(v, if !ty.is_vector() { bs } else { bv });
-                }
-                if relu {
-                    v = positive_part(kb, ty, v);
-                }
-                kb.store(v, yp, off);
-            });
+            if b.is_some() || relu {
+                span(kb, p, how, &mut |kb, ty, at| {
+                    let (yp, off) = at.addr(kb, yo, 0, 1);
+                    let mut v = kb.load_out(ty, yp, off);
+                    if let Some((bs, bv)) = bias {
+                        v = kb.b.ins().fadd(v, if !ty.is_vector() { bs } else { bv });
+                    }
+                    if relu {
+                        v = positive_part(kb, ty, v);
+                    }
+                    kb.store(v, yp, off);
+                });
+            }
+            if let Some((s, q)) = stats {
+                let (sum, sqdev) = super::norm::row_moments(kb, yo, p);
+                let (sp, qp) = (kb.offset(s, o, e), kb.offset(q, o, e));
+                kb.store(sum, sp, 0);
+                kb.store(sqdev, qp, 0);
+            }
             vec![]
         },
     );
+    if let Some((s, q)) = native {
+        // Checked mode: the spans the native call reads and writes.
+        kb.check_span(yn, e * (g.o * p) as i64);
+        kb.check_span(s, e * g.o as i64);
+        kb.check_span(q, e * g.o as i64);
+        let (rows, len) = (kb.iconst(g.o as i64), kb.iconst(p as i64));
+        let f = super::norm::row_moments_f32 as *const () as usize;
+        kb.call_native(f, &[yn, rows, len, s, q]);
+    }
 }
 
 /// `v` where `v > 0`, else `+0.0` (NaN → 0), as [`Kb::where_positive`] computes
@@ -1305,7 +1371,7 @@ fn grad_input(kb: &mut Kb, g: &ConvGeom) {
                 }
             });
         },
-        &mut |_, _| {},
+        &mut |_, _, _| {},
     );
 }
 
@@ -1393,7 +1459,7 @@ fn grad_weight(kb: &mut Kb, g: &ConvGeom) {
                 }
             });
         },
-        &mut |_, _| {},
+        &mut |_, _, _| {},
     );
     if let Some(t) = dwt {
         // dw[g·Og + o, j] = dwᵀ[g][j, o], a row of dw at a time.

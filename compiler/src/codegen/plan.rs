@@ -11,10 +11,26 @@
 //!    (`x > 0` exactly when `relu(x) > 0`, NaN gives 0 in both). This frees the
 //!    pre-activation for fusion into its producer.
 //! 4. `reshape` and `stop_gradient` are aliases: no step, the same buffer.
+//! 5. A reduction over the batch may be split into per-item partials written by
+//!    the kernel that produces its operand (in its epilogue, while the item is
+//!    in cache) and a small step that combines them; the operand is still
+//!    written for its other readers. Only in item order and per item (never per
+//!    thread or per work range), so the result does not depend on the thread
+//!    count; the formula may be re-associated but not made less accurate (a
+//!    variance stays a sum of squared deviations: per item from a shift inside
+//!    the item, plus the between-item term; never `E[x²] − E[x]²` over the
+//!    batch).
 //!
 //! Groups formed (anchor ← absorbed):
 //! - `conv2d ← bias_add ← relu` (and `conv2d ← relu`): the epilogue of the
 //!   im2col + GEMM conv kernel, applied while each image's output is in cache;
+//! - `conv2d[ ← bias_add][ ← relu] ⇢ batchnorm` (training; rule 5, shown as
+//!   `conv2d+batchnorm_sums`): the first `batchnorm` reading the group's output
+//!   takes its batch statistics from per-image, per-channel sums and squared
+//!   deviations written by the same epilogue, combined by one small step
+//!   (`NormKernel::BnCombine`) instead of two passes over the activation (sum,
+//!   squared deviations); the apply step is unchanged. Not after the depthwise
+//!   kernels (yet);
 //! - `batchnorm ← relu` (train: sum, squared deviations, statistics, apply+relu;
 //!   inference: apply+relu);
 //! - `batchnorm_grad ← relu_grad` (gradient sums and apply, masked by the relu
@@ -284,6 +300,12 @@ struct Planner<'g> {
     is_output: Vec<bool>,
     /// Node → the node whose group absorbed it.
     absorbed: HashMap<usize, usize>,
+    /// `batchnorm` node → the conv node whose epilogue writes its partial
+    /// statistics (rule 5).
+    stats_from: HashMap<usize, usize>,
+    /// `batchnorm` node → the partials `(s, q)` its conv writes (set when the
+    /// conv is emitted, which comes first).
+    partials_of: HashMap<usize, (BufId, BufId)>,
     /// Node inputs after rule 3.
     inputs: Vec<Vec<Vid>>,
     /// Value → the node defining it.
@@ -302,6 +324,8 @@ impl<'g> Planner<'g> {
             uses: HashMap::new(),
             is_output: vec![false; g.values.len()],
             absorbed: HashMap::new(),
+            stats_from: HashMap::new(),
+            partials_of: HashMap::new(),
             inputs: Vec::new(),
             def: HashMap::new(),
         };
@@ -475,7 +499,20 @@ impl<'g> Planner<'g> {
                     if let Some(u) = self.sole_use(out) {
                         if g.nodes[u].op == Op::Act(Act::Relu) {
                             self.absorbed.insert(u, ni);
+                            out = g.nodes[u].outputs[0];
                         }
+                    }
+                    // Rule 5: the first training batchnorm of the group's
+                    // output takes its statistics from the epilogue.
+                    let bn = self.uses.get(&out).and_then(|uses| {
+                        uses.iter().copied().find(|&u| {
+                            matches!(g.nodes[u].op, Op::BatchNorm { .. })
+                                && self.alias(self.inputs[u][0]) == out
+                                && g.shape(self.inputs[u][0]) == g.shape(out)
+                        })
+                    });
+                    if let Some(bn) = bn {
+                        self.stats_from.insert(bn, ni);
                     }
                 }
                 Op::SoftmaxXent { smoothing } => {
@@ -548,14 +585,38 @@ impl<'g> Planner<'g> {
                 };
                 let mean = self.buf(node.outputs[1]);
                 let var = self.buf(node.outputs[2]);
-                let s = self.temp("bn_sum", vec![c]);
-                let q = self.temp("bn_sqdev", vec![c]);
                 let ops = if relu.is_some() {
                     "batchnorm+relu"
                 } else {
                     "batchnorm"
                 };
                 let k = |n| StepKind::Jit(KernelSpec::Norm(n));
+                if let Some(&(s, q)) = self.partials_of.get(&ni) {
+                    // Rule 5: the conv wrote per-item partials.
+                    self.push(
+                        ops,
+                        layer.clone(),
+                        k(NormKernel::BnCombine {
+                            shape: x_shape.clone(),
+                        }),
+                        vec![s, q],
+                        vec![mean, var],
+                    );
+                    self.push(
+                        ops,
+                        layer,
+                        k(NormKernel::BnApply {
+                            shape: x_shape,
+                            eps: *eps,
+                            relu: relu.is_some(),
+                        }),
+                        vec![x, gamma, beta, mean, var],
+                        vec![y],
+                    );
+                    return;
+                }
+                let s = self.temp("bn_sum", vec![c]);
+                let q = self.temp("bn_sqdev", vec![c]);
                 self.push(
                     ops,
                     layer.clone(),
@@ -610,15 +671,29 @@ impl<'g> Planner<'g> {
                     ops.push_str("+relu");
                     last = g.nodes[r].outputs[0];
                 }
-                let y = self.buf(last);
+                let mut outs = vec![self.buf(last)];
+                let bn = self
+                    .stats_from
+                    .iter()
+                    .find(|(_, &conv)| conv == ni)
+                    .map(|(&bn, _)| bn);
+                if let Some(bn) = bn {
+                    let nc = shape(last)[..2].to_vec();
+                    let s = self.temp("bn_sums", nc.clone());
+                    let q = self.temp("bn_sqdevs", nc);
+                    outs.extend([s, q]);
+                    self.partials_of.insert(bn, (s, q));
+                    ops.push_str("+batchnorm_sums");
+                }
                 let kind = StepKind::Jit(KernelSpec::Conv(ConvKernel::Forward {
                     x: shape(ins[0]),
                     w: shape(ins[1]),
                     attrs: *a,
                     bias: bias.is_some(),
                     relu: relu.is_some(),
+                    stats: bn.is_some(),
                 }));
-                self.push(&ops, layer, kind, args, vec![y]);
+                self.push(&ops, layer, kind, args, outs);
             }
             Op::Conv2d(a) if !is_depthwise(a, shape(ins[0])[1]) => {
                 // The direct kernel (faster on this shape); bias and relu separate.
