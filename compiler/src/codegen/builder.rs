@@ -8,14 +8,21 @@
 //! Every kernel has the signature `fn(bufs: *const *mut f32, start: i64, end: i64)`:
 //! `bufs` points at one pointer per buffer (inputs first, then outputs) and
 //! `start..end` is the range of batch items this call computes.
+//!
+//! In checked mode ([`Checks`], see `check.rs`) the load and store helpers
+//! also emit a bounds check before every access; nothing else changes, and
+//! unchecked kernels are emitted exactly as without it.
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    types, AbiParam, BlockArg, Function, InstBuilder, MemFlagsData, Signature, Type, Value,
+    types, AbiParam, Block, BlockArg, DataFlowGraph, Function, InstBuilder, MemFlagsData, Opcode,
+    Signature, Type, Value, ValueDef,
 };
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use std::collections::HashMap;
 
+use super::check::{self, Fault};
 use super::DType;
 
 pub(crate) const F32: Type = types::F32;
@@ -64,6 +71,81 @@ pub(crate) struct Kb<'a> {
     /// The work range over the batch.
     pub start: Value,
     pub end: Value,
+    /// Bounds checks, in checked mode.
+    checks: Option<Box<Checks>>,
+}
+
+/// What a checked kernel needs to check its accesses (see `check.rs`).
+pub(crate) struct Checks {
+    /// The kernel's tag for [`check::record_violation`].
+    tag: i64,
+    /// Every buffer's length in bytes (inputs, outputs, scratch).
+    lens: Vec<i64>,
+    /// The move of every access to one buffer ([`Fault`]), for testing.
+    fault: Option<(usize, i64)>,
+    /// The buffer a pointer value points into (`None`: not a pointer), as
+    /// traced so far.
+    origin: HashMap<Value, Option<usize>>,
+    /// The value a counted loop's parameter starts from.
+    entry: HashMap<Value, Value>,
+    /// Accesses that could not be attributed to one buffer.
+    errors: Vec<String>,
+    /// The kernel's one cold block reporting a violation (buffer, offset,
+    /// size as parameters), made by the first check.
+    fail: Option<Block>,
+}
+
+impl Checks {
+    /// Checks for the kernel with `tag` whose buffers hold `lens` elements of
+    /// `dt`; `fault` moves the accesses of one buffer (a test's miscompile).
+    pub fn new(tag: i64, lens: &[usize], dt: DType, fault: Option<&Fault>) -> Checks {
+        Checks {
+            tag,
+            lens: lens.iter().map(|&l| (l * dt.bytes()) as i64).collect(),
+            fault: fault.map(|f| (f.buffer, f.shift)),
+            origin: HashMap::new(),
+            entry: HashMap::new(),
+            errors: Vec::new(),
+            fail: None,
+        }
+    }
+
+    /// The buffer `v` points into: traced through `iadd`, the first operand of
+    /// `isub`, `select` and counted loops' parameters to a buffer-table load.
+    /// `None` for a value derived from no buffer; two buffers are an error.
+    fn origin(&mut self, dfg: &DataFlowGraph, v: Value) -> Option<usize> {
+        if let Some(&o) = self.origin.get(&v) {
+            return o;
+        }
+        self.origin.insert(v, None); // a loop's parameter may lead back to itself
+        let from: Vec<Value> = match dfg.value_def(v) {
+            ValueDef::Result(inst, _) => {
+                let args = dfg.inst_args(inst);
+                match dfg.insts[inst].opcode() {
+                    Opcode::Iadd => args.to_vec(),
+                    Opcode::Isub => args[..1].to_vec(),
+                    Opcode::Select => args[1..].to_vec(),
+                    _ => Vec::new(),
+                }
+            }
+            ValueDef::Param(..) => self.entry.get(&v).copied().into_iter().collect(),
+            ValueDef::Union(..) => Vec::new(),
+        };
+        let mut found = None;
+        for a in from {
+            if let Some(b) = self.origin(dfg, a) {
+                if found.is_some_and(|f| f != b) {
+                    self.errors.push(format!(
+                        "{v} points into buffers {} and {b}",
+                        found.unwrap_or(b)
+                    ));
+                }
+                found = Some(b);
+            }
+        }
+        self.origin.insert(v, found);
+        found
+    }
 }
 
 impl<'a> Kb<'a> {
@@ -87,7 +169,19 @@ impl<'a> Kb<'a> {
             dt,
             start: p[1],
             end: p[2],
+            checks: None,
         }
+    }
+
+    /// Turns on bounds checks for everything emitted from now on.
+    pub fn set_checks(&mut self, checks: Checks) {
+        self.checks = Some(Box::new(checks));
+    }
+
+    /// What the checks found wrong at compile time (accesses not attributable to
+    /// one buffer, buffer indices past the table); empty when unchecked.
+    pub fn check_errors(&self) -> &[String] {
+        self.checks.as_ref().map_or(&[], |c| &c.errors)
     }
 
     /// Returns from the kernel and finishes the function.
@@ -100,9 +194,18 @@ impl<'a> Kb<'a> {
     /// The pointer to buffer `i` (read from the buffer table once, in the entry
     /// block).
     pub fn buffer(&mut self, i: usize) -> Value {
-        self.b
+        let p = self
+            .b
             .ins()
-            .load(I64, input_flags(), self.bufs, (8 * i) as i32)
+            .load(I64, input_flags(), self.bufs, (8 * i) as i32);
+        if let Some(c) = self.checks.as_mut() {
+            if i >= c.lens.len() {
+                c.errors
+                    .push(format!("buffer {i} of a table of {}", c.lens.len()));
+            }
+            c.origin.insert(p, Some(i));
+        }
+        p
     }
 
     pub fn iconst(&mut self, v: i64) -> Value {
@@ -119,19 +222,104 @@ impl<'a> Kb<'a> {
         self.b.ins().iadd(base, scaled)
     }
 
-    /// A load from an input buffer (`readonly + notrap + can_move`).
+    /// A load from an input buffer (`readonly + notrap + can_move`; checked, not
+    /// `can_move`, so it stays after its check).
     pub fn load_in(&mut self, ty: Type, ptr: Value, off: i64) -> Value {
-        self.b.ins().load(ty, input_flags(), ptr, to_off(off))
+        if self.checks.is_none() {
+            return self.b.ins().load(ty, input_flags(), ptr, to_off(off));
+        }
+        let (ptr, off) = self.checked(ptr, off, ty.bytes() as i64);
+        let flags = MemFlagsData::new().with_notrap().with_readonly();
+        self.b.ins().load(ty, flags, ptr, to_off(off))
     }
 
     /// A load from a buffer the kernel also writes.
     #[allow(dead_code)]
     pub fn load_out(&mut self, ty: Type, ptr: Value, off: i64) -> Value {
+        let (ptr, off) = self.checked(ptr, off, ty.bytes() as i64);
         self.b.ins().load(ty, output_flags(), ptr, to_off(off))
     }
 
     pub fn store(&mut self, v: Value, ptr: Value, off: i64) {
+        let size = self.b.func.dfg.value_type(v).bytes() as i64;
+        let (ptr, off) = self.checked(ptr, off, size);
         self.b.ins().store(output_flags(), v, ptr, to_off(off));
+    }
+
+    /// In checked mode, checks that the `bytes` bytes from `ptr` lie inside the
+    /// buffer `ptr` points into (a span a native call such as the GEMM will
+    /// access); emits nothing when unchecked.
+    pub fn check_span(&mut self, ptr: Value, bytes: i64) {
+        if self.checks.is_some() {
+            self.checked(ptr, 0, bytes);
+        }
+    }
+
+    /// The bounds check of an access of `size` bytes at `ptr + off` (checked
+    /// mode; else nothing): traces `ptr` to its buffer and branches to a cold
+    /// block that reports the violation and returns when the access is outside
+    /// it. Returns the address to use (moved by a test's [`Fault`]).
+    fn checked(&mut self, ptr: Value, off: i64, size: i64) -> (Value, i64) {
+        let Some(mut c) = self.checks.take() else {
+            return (ptr, off);
+        };
+        let Some(buf) = c.origin(&self.b.func.dfg, ptr) else {
+            c.errors.push(format!(
+                "an access at {ptr} + {off} is not derived from a buffer"
+            ));
+            self.checks = Some(c);
+            return (ptr, off);
+        };
+        let off = match c.fault {
+            Some((b, shift)) if b == buf => off + shift,
+            _ => off,
+        };
+        let len = c.lens.get(buf).copied().unwrap_or(0);
+        let base = self
+            .b
+            .ins()
+            .load(I64, input_flags(), self.bufs, (8 * buf) as i32);
+        let addr = if off == 0 {
+            ptr
+        } else {
+            self.b.ins().iadd_imm_s(ptr, off)
+        };
+        let d = self.b.ins().isub(addr, base);
+        // `d` as unsigned: an access before the buffer is a huge offset.
+        let bad = if len >= size {
+            self.b
+                .ins()
+                .icmp_imm_u(IntCC::UnsignedGreaterThan, d, len - size)
+        } else {
+            self.b.ins().iconst(types::I8, 1)
+        };
+        let (buf_v, size_v) = (self.iconst(buf as i64), self.iconst(size));
+        let args = [buf_v, d, size_v].map(BlockArg::from);
+        let ok = self.b.create_block();
+        let fail = match c.fail {
+            Some(fail) => {
+                self.b.ins().brif(bad, fail, &args, ok, &[]);
+                fail
+            }
+            None => {
+                // The first check: make the reporting block.
+                let fail = self.b.create_block();
+                self.b.set_cold_block(fail);
+                let params = [I64; 3].map(|t| self.b.append_block_param(fail, t));
+                self.b.ins().brif(bad, fail, &args, ok, &[]);
+                self.b.switch_to_block(fail);
+                let tag = self.iconst(c.tag);
+                let addr = check::record_violation as *const () as usize;
+                self.call_native(addr, &[tag, params[0], params[1], params[2]]);
+                self.b.ins().return_(&[]);
+                fail
+            }
+        };
+        c.fail = Some(fail);
+        self.b.switch_to_block(ok);
+        self.checks = Some(c);
+        // The address is formed again by the access itself, as when unchecked.
+        (ptr, off)
     }
 
     /// The scalar element type: `F32` or `F64`.
@@ -230,16 +418,23 @@ impl<'a> Kb<'a> {
         let exit = self.b.create_block();
         let iv = self.b.append_block_param(head, I64);
         let mut params = Vec::with_capacity(carried.len());
+        let mut after = Vec::with_capacity(carried.len());
         for &c in carried {
             let ty = self.b.func.dfg.value_type(c);
             params.push(self.b.append_block_param(head, ty));
-            self.b.append_block_param(exit, ty);
+            after.push(self.b.append_block_param(exit, ty));
         }
         let enter: Vec<BlockArg> = std::iter::once(from)
             .chain(carried.iter().copied())
             .map(BlockArg::from)
             .collect();
         let skip: Vec<BlockArg> = carried.iter().copied().map(BlockArg::from).collect();
+        if let Some(c) = self.checks.as_mut() {
+            c.entry.insert(iv, from);
+            let starts = carried.iter().copied();
+            c.entry.extend(params.iter().copied().zip(starts.clone()));
+            c.entry.extend(after.iter().copied().zip(starts));
+        }
         if guard {
             let go = self.b.ins().icmp(IntCC::SignedLessThan, from, to);
             self.b.ins().brif(go, head, &enter, exit, &skip);

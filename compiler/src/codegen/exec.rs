@@ -13,7 +13,14 @@
 //! (buffer offsets and lengths count elements), every kernel compiled for the
 //! element type, the arena holding that type, and the native steps run on it;
 //! [`Executable::feed_f64`] and [`Executable::get_f64`] move f64 data.
+//!
+//! Checked ([`ExecOptions::checked`], or `CNNC_CHECKED` set): every kernel
+//! bounds-checks its loads and stores (see `check.rs`), the buffers of every
+//! native step are checked against the arena, and a run stops after the first
+//! step with a violation: [`Executable::try_run`] returns it, naming the kernel,
+//! its layer and the buffer; [`Executable::run`] panics with it (a bug in cnnc).
 
+use super::check::{self, BoundsViolation, Fault};
 use super::plan::{reduce_chunks, BufRole, Plan, StepKind};
 use super::{DType, Elem, Jit, KernelFn, OptLevel, Par};
 use crate::ir::Graph;
@@ -88,6 +95,25 @@ pub fn too_large(g: &Graph) -> Option<String> {
     ))
 }
 
+/// The name of step `si`'s kernel: `k3_conv2d_bias_add_relu`.
+pub fn kernel_name(si: usize, ops: &str) -> String {
+    format!("k{si}_{}", ops.replace('+', "_"))
+}
+
+/// How to build an [`Executable`].
+#[derive(Clone, Debug, Default)]
+pub struct ExecOptions {
+    /// The element type of every buffer (f32; f64 for gradient checks).
+    pub dtype: DType,
+    /// Bounds-check every generated load and store (on anyway when
+    /// `CNNC_CHECKED` is set).
+    pub checked: bool,
+    /// A deliberate miscompile of one kernel, for tests of the checks
+    /// (`Fault::kernel` is the step's kernel name, `k{step}_{ops}`).
+    #[doc(hidden)]
+    pub fault: Option<Fault>,
+}
+
 pub struct Executable {
     plan: Plan,
     jit: Jit,
@@ -125,6 +151,20 @@ impl Executable {
     /// checks), fed with [`Executable::feed_f64`] and read with
     /// [`Executable::get_f64`].
     pub fn with_dtype(g: &Graph, pool: &ThreadPool, dtype: DType) -> Result<Executable, String> {
+        let opts = ExecOptions {
+            dtype,
+            ..ExecOptions::default()
+        };
+        Executable::with_options(g, pool, &opts)
+    }
+
+    /// Like [`Executable::with_pool`], with every choice in `opts`.
+    pub fn with_options(
+        g: &Graph,
+        pool: &ThreadPool,
+        opts: &ExecOptions,
+    ) -> Result<Executable, String> {
+        let dtype = opts.dtype;
         let t0 = Instant::now();
         let threads = pool.threads;
         let plan = Plan::new(g, threads);
@@ -134,11 +174,15 @@ impl Executable {
         // ms at `none` vs 13.8-13.9 at `speed`, M3 113-114 ms vs 120-186, and
         // compiling is ~20% faster.
         let mut jit = Jit::with_opt_level(OptLevel::None)?;
+        if opts.checked {
+            jit.set_checked(true);
+        }
+        jit.set_fault(opts.fault.clone().or_else(Fault::from_env));
         let mut funcs = Vec::with_capacity(plan.steps.len());
         for (i, s) in plan.steps.iter().enumerate() {
             funcs.push(match &s.kind {
                 StepKind::Jit(spec) => {
-                    let name = format!("k{i}_{}", s.ops.replace('+', "_"));
+                    let name = kernel_name(i, &s.ops);
                     let id = jit.compile_dtype(&name, spec.clone(), dtype)?;
                     // SAFETY: the pointer lives as long as `jit`, which the
                     // executable owns; it is only called with the step's buffers.
@@ -177,6 +221,9 @@ impl Executable {
     }
 
     fn build_tables(&mut self) {
+        if self.jit.checked() {
+            self.check_plan();
+        }
         let root = self.elem_ptr(0);
         let bytes = self.dtype.bytes();
         let ptr = |plan: &Plan, b: usize| -> *mut f32 {
@@ -214,6 +261,53 @@ impl Executable {
             tables.push(per);
         }
         self.tables = tables;
+    }
+
+    /// Checked mode: every buffer lies inside the arena, and every kernel's
+    /// table holds buffers of the lengths it was compiled for (what its bounds
+    /// checks assume). A failure is a bug in the planner.
+    fn check_plan(&self) {
+        let p = &self.plan;
+        for b in &p.bufs {
+            assert!(
+                b.offset + b.len() <= p.arena_len,
+                "checked JIT: buffer `{}` ({} elements at {}) ends past the arena ({})",
+                b.name,
+                b.len(),
+                b.offset,
+                p.arena_len
+            );
+        }
+        for (si, s) in p.steps.iter().enumerate() {
+            let StepKind::Jit(k) = &s.kind else { continue };
+            let lens: Vec<usize> = k
+                .inputs()
+                .iter()
+                .chain(&k.outputs())
+                .map(|sh| sh.iter().product())
+                .collect();
+            let outs = s
+                .partials
+                .iter()
+                .flatten()
+                .zip(lens[s.n_in..].iter().cycle());
+            for (&b, &len) in s.args.iter().zip(&lens).chain(outs) {
+                assert_eq!(
+                    p.bufs[b].len(),
+                    len,
+                    "checked JIT: step {si} ({}): buffer `{}` is not of the kernel's length",
+                    s.ops,
+                    p.bufs[b].name
+                );
+            }
+            for &b in &s.scratch {
+                assert_eq!(
+                    p.bufs[b].len(),
+                    k.scratch(),
+                    "checked JIT: step {si} scratch"
+                );
+            }
+        }
     }
 
     pub fn plan(&self) -> &Plan {
@@ -325,15 +419,64 @@ impl Executable {
         self.profile.as_deref()
     }
 
-    /// Runs every step once.
+    /// Runs every step once. Panics on a bounds violation (checked mode only):
+    /// a bug in cnnc; [`Executable::try_run`] returns it instead.
     pub fn run(&mut self) {
+        if let Err(v) = self.try_run() {
+            panic!("{v}");
+        }
+    }
+
+    /// Runs every step once; in checked mode, stops after the first step with a
+    /// bounds violation and returns it (the outputs are then undefined).
+    pub fn try_run(&mut self) -> Result<(), BoundsViolation> {
+        let checked = self.jit.checked();
         for si in 0..self.plan.steps.len() {
             let t0 = self.profile.is_some().then(Instant::now);
             self.run_step(si);
             if let (Some(t0), Some(p)) = (t0, self.profile.as_mut()) {
                 p[si] += t0.elapsed();
             }
+            if checked {
+                if let Some(v) = self.violation(si) {
+                    return Err(v);
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// The violation step `si`'s kernel reported, if any, with the planned
+    /// buffer's name.
+    fn violation(&self, si: usize) -> Option<BoundsViolation> {
+        let (_, raw) = self.jit.take_violation()?;
+        let s = &self.plan.steps[si];
+        let StepKind::Jit(k) = &s.kind else {
+            unreachable!("only kernels report violations")
+        };
+        let (n_in, n_out) = (k.inputs().len(), k.outputs().len());
+        let b = raw.buffer as usize;
+        let buf = if b < n_in + n_out {
+            s.args.get(b)
+        } else {
+            s.scratch.first()
+        };
+        let (name, len) = buf.map_or((String::new(), 0), |&b| {
+            (
+                format!(" `{}`", self.plan.bufs[b].name),
+                self.plan.bufs[b].len(),
+            )
+        });
+        Some(BoundsViolation {
+            kernel: kernel_name(si, &s.ops),
+            layer: s.layer.clone(),
+            buffer: b,
+            buffer_desc: format!("{}{name}", check::role(b, n_in, n_out)),
+            len,
+            dtype: self.dtype,
+            offset: raw.offset,
+            size: raw.size,
+        })
     }
 
     fn run_step(&mut self, si: usize) {

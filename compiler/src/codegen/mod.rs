@@ -6,6 +6,8 @@
 //!
 //! - `builder.rs`: the kernel-builder layer (rotated loops, addresses, flagged
 //!   loads, f32x4 FMA);
+//! - `check.rs`: the checked JIT (a bounds check on every load and store, and
+//!   how a violation is reported);
 //! - `elementwise.rs`: ReLU, ReLU mask, bias add;
 //! - `conv.rs`: conv2d forward.
 //!
@@ -21,6 +23,7 @@
 //! plans count elements, so they do not depend on the element type.
 
 mod builder;
+pub mod check;
 pub mod conv;
 pub mod depthwise;
 pub mod elementwise;
@@ -369,6 +372,12 @@ pub struct Jit {
     warnings: Vec<String>,
     kernels: Vec<Kernel>,
     disasm: bool,
+    /// Process-unique, for telling apart the violations of JITs running at once.
+    id: u32,
+    /// Whether kernels compiled from now on check their accesses.
+    checked: bool,
+    /// A deliberate miscompile, for testing the checks.
+    fault: Option<check::Fault>,
 }
 
 impl Jit {
@@ -433,6 +442,9 @@ impl Jit {
             warnings,
             kernels: Vec::new(),
             disasm: false,
+            id: check::next_jit_id(),
+            checked: check::checks_from_env(),
+            fault: None,
         })
     }
 
@@ -448,6 +460,56 @@ impl Jit {
     /// Keep the machine code text of kernels compiled from now on.
     pub fn set_disasm(&mut self, on: bool) {
         self.disasm = on;
+    }
+
+    /// Bounds-check every load and store of the kernels compiled from now on
+    /// (see `check.rs`). On from the start when `CNNC_CHECKED` is set.
+    pub fn set_checked(&mut self, on: bool) {
+        self.checked = on;
+    }
+
+    /// Whether kernels compiled from now on are checked.
+    pub fn checked(&self) -> bool {
+        self.checked
+    }
+
+    /// Miscompiles one kernel on purpose (when it is compiled checked): for
+    /// tests of the checks only.
+    #[doc(hidden)]
+    pub fn set_fault(&mut self, fault: Option<check::Fault>) {
+        self.fault = fault;
+    }
+
+    /// The first bounds violation of this JIT's kernels since the last call, as
+    /// (kernel, buffer index, byte offset, bytes accessed); `None` when there
+    /// was none (always when unchecked).
+    pub(crate) fn take_violation(&self) -> Option<(KernelId, check::RawViolation)> {
+        check::take(self.id).map(|v| (KernelId(v.kernel as usize), v))
+    }
+
+    /// [`Jit::take_violation`] described with the kernel's buffer roles.
+    fn violation(&self, layer: Option<String>) -> Option<check::BoundsViolation> {
+        let (id, v) = self.take_violation()?;
+        let k = &self.kernels[id.0];
+        let shapes: Vec<usize> = k
+            .spec
+            .inputs()
+            .iter()
+            .chain(&k.spec.outputs())
+            .map(|s| s.iter().product())
+            .chain(std::iter::once(k.spec.scratch()))
+            .collect();
+        let b = v.buffer as usize;
+        Some(check::BoundsViolation {
+            kernel: k.name.clone(),
+            layer,
+            buffer: b,
+            buffer_desc: check::role(b, k.spec.inputs().len(), k.spec.outputs().len()),
+            len: shapes.get(b).copied().unwrap_or(0),
+            dtype: k.dtype,
+            offset: v.offset,
+            size: v.size,
+        })
     }
 
     fn module(&mut self) -> &mut JITModule {
@@ -478,10 +540,29 @@ impl Jit {
         self.ctx.func.signature = sig;
         self.ctx.func.name = UserFuncName::user(0, id.as_u32());
         self.ctx.set_disasm(self.disasm);
+        let checks = self.checked.then(|| {
+            let lens: Vec<usize> = spec
+                .inputs()
+                .iter()
+                .chain(&spec.outputs())
+                .map(|s| s.iter().product())
+                .chain((spec.scratch() > 0).then_some(spec.scratch()))
+                .collect();
+            let fault = self.fault.as_ref().filter(|f| f.kernel == name);
+            let tag = check::tag(self.id, self.kernels.len());
+            builder::Checks::new(tag, &lens, dtype, fault)
+        });
         {
             let mut kb = Kb::new(&mut self.ctx.func, &mut self.fctx, fma, dtype);
+            if let Some(c) = checks {
+                kb.set_checks(c);
+            }
             spec.emitter().emit(&mut kb);
+            let errors = kb.check_errors().join("; ");
             kb.finish(config);
+            if !errors.is_empty() {
+                return Err(format!("checked JIT: {name}: {errors}"));
+            }
         }
         let clif = format!("; kernel {name}\n{}", self.ctx.func.display());
         let module = self.module.as_mut().expect("module lives until drop");
@@ -613,7 +694,10 @@ impl Jit {
         // SAFETY: every buffer has the length the kernel was specialised for, the
         // range is inside the batch, inputs are only read, and the module is alive.
         unsafe { (k.func)(ptrs.as_ptr(), range.start as i64, range.end as i64) };
-        Ok(())
+        match self.violation(None) {
+            Some(v) => Err(v.to_string()),
+            None => Ok(()),
+        }
     }
 
     /// The raw entry point of kernel `id`, for callers that manage buffers
