@@ -8,7 +8,8 @@
 use crate::optim::{clip, clip_action, ClipAction, ClipOutcome, Kind, Optimizer, StepScalars};
 use crate::params::Params;
 use cnnc_compiler::checked::{CheckedModel, Clip};
-use cnnc_compiler::codegen::exec::{Executable, ThreadPool};
+use cnnc_compiler::codegen::check::BoundsViolation;
+use cnnc_compiler::codegen::exec::{ExecOptions, Executable, ThreadPool};
 use cnnc_compiler::codegen::optim::{
     AdamScalars, GradClip, OptimKernel, SgdScalars, SumSquaresOut,
 };
@@ -104,7 +105,7 @@ impl Interpreter {
 }
 
 /// Feeds for every input, parameter and buffer of `g`.
-fn feeds(
+pub(crate) fn feeds(
     g: &Graph,
     params: &Params,
     x: &[f32],
@@ -227,6 +228,8 @@ pub struct Jit {
     /// The optimizer kernels, started with the first update (boxed: a JIT
     /// module's builder contexts are large).
     fused: Option<Box<FusedUpdate>>,
+    /// Whether the kernels check their loads and stores (`--checked`).
+    checked: bool,
 }
 
 impl Jit {
@@ -239,6 +242,20 @@ impl Jit {
             train: HashMap::new(),
             eval: HashMap::new(),
             fused: None,
+            checked: false,
+        }
+    }
+
+    /// Bounds-checked kernels (`--checked`; on anyway with `CNNC_CHECKED=1`).
+    pub fn with_checks(mut self, on: bool) -> Self {
+        self.checked = on;
+        self
+    }
+
+    fn options(&self) -> ExecOptions {
+        ExecOptions {
+            checked: self.checked,
+            ..ExecOptions::default()
         }
     }
 
@@ -253,7 +270,7 @@ impl Jit {
     pub fn train_executable(&mut self, n: usize) -> Result<&mut Executable, String> {
         if !self.train.contains_key(&n) {
             let g = train_graph(&self.model, n, self.smoothing);
-            let exe = Executable::with_pool(&g, &self.pool()?)?;
+            let exe = Executable::with_options(&g, &self.pool()?, &self.options())?;
             self.train.insert(n, exe);
         }
         Ok(self.train.get_mut(&n).expect("inserted"))
@@ -263,7 +280,7 @@ impl Jit {
     pub fn eval_executable(&mut self, n: usize) -> Result<&mut Executable, String> {
         if !self.eval.contains_key(&n) {
             let g = eval_graph(&self.model, n);
-            let exe = Executable::with_pool(&g, &self.pool()?)?;
+            let exe = Executable::with_options(&g, &self.pool()?, &self.options())?;
             self.eval.insert(n, exe);
         }
         Ok(self.eval.get_mut(&n).expect("inserted"))
@@ -301,6 +318,38 @@ fn feed_executable(
     Ok(())
 }
 
+/// A bounds violation of a checked kernel with its layer's place in the model
+/// (the statement's byte span, and the block uses it was expanded from).
+fn located(model: &CheckedModel, v: &BoundsViolation) -> String {
+    let layer = v
+        .layer
+        .as_deref()
+        .and_then(|l| model.layers.iter().find(|x| x.name == l));
+    match layer {
+        Some(l) => {
+            // File 0 is the model's own; imports (the standard library) follow.
+            let at = |loc: cnnc_compiler::source::Loc| {
+                let file = match loc.file.0 {
+                    0 => "the model file".to_string(),
+                    n => format!("imported file #{n}"),
+                };
+                format!("bytes {}..{} of {file}", loc.span.start, loc.span.end)
+            };
+            let mut s = format!(
+                "{v}\n  layer `{}` (`{}`) is made at {}",
+                l.name,
+                l.op_name,
+                at(l.loc)
+            );
+            for (block, loc) in &l.trace {
+                s.push_str(&format!(", in block `{block}` used at {}", at(*loc)));
+            }
+            s
+        }
+        None => v.to_string(),
+    }
+}
+
 fn first(exe: &Executable, name: &str) -> f32 {
     exe.get(name)
         .and_then(|v| v.first().copied())
@@ -318,7 +367,9 @@ impl Backend for Jit {
     ) -> Result<StepOut, String> {
         let exe = self.train_executable(n)?;
         feed_executable(exe, params, x, labels, seed)?;
-        exe.run();
+        if let Err(v) = exe.try_run() {
+            return Err(located(&self.model, &v));
+        }
         let exe = &*exe;
         let names = exe.plan().outputs.iter().map(|(n, _)| n.as_str());
         step_out(params, names, |name| exe.get(name).map(<[f32]>::to_vec))
@@ -333,7 +384,9 @@ impl Backend for Jit {
     ) -> Result<EvalOut, String> {
         let exe = self.eval_executable(n)?;
         feed_executable(exe, params, x, labels, 0)?;
-        exe.run();
+        if let Err(v) = exe.try_run() {
+            return Err(located(&self.model, &v));
+        }
         Ok(EvalOut {
             loss: first(exe, "loss"),
             correct: first(exe, "correct") as usize,
@@ -351,7 +404,7 @@ impl Backend for Jit {
         lr: f32,
     ) -> Result<ClipOutcome, String> {
         if self.fused.is_none() {
-            self.fused = Some(Box::new(FusedUpdate::new()?));
+            self.fused = Some(Box::new(FusedUpdate::new(self.checked)?));
         }
         let fused = self.fused.as_mut().expect("started");
         fused.update(params, opt, &grads, layer_of, policy, lr)
@@ -387,11 +440,15 @@ struct FusedUpdate {
 }
 
 impl FusedUpdate {
-    fn new() -> Result<FusedUpdate, String> {
+    fn new(checked: bool) -> Result<FusedUpdate, String> {
         // `none`, as the executables (loops of plain vector arithmetic gain
         // nothing from the egraph pass).
+        let mut jit = codegen::Jit::with_opt_level(OptLevel::None)?;
+        if checked {
+            jit.set_checked(true);
+        }
         Ok(FusedUpdate {
-            jit: codegen::Jit::with_opt_level(OptLevel::None)?,
+            jit,
             kernels: Vec::new(),
         })
     }

@@ -259,7 +259,7 @@ fn build(
             (Built::Interp(Interpreter::new(model, smoothing)), ms)
         }
         BackendKind::Jit => {
-            let mut jit = Jit::new(model, smoothing, engine.threads);
+            let mut jit = Jit::new(model, smoothing, engine.threads).with_checks(engine.checked);
             jit.train_executable(n).map_err(train::backend_error)?;
             jit.eval_executable(n).map_err(train::backend_error)?;
             (Built::Jit(jit), ms_since(t0))

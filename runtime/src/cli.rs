@@ -88,6 +88,15 @@ pub struct RunArgs {
     /// instead of a random initialisation.
     #[arg(long, value_name = "W.safetensors")]
     pub init: Option<PathBuf>,
+
+    /// Continue an interrupted run from the newest complete checkpoint in its
+    /// folder (--out DIR, default `runs/<file name>`), to the same weights, bit for
+    /// bit, as a run never interrupted. Needs checkpoints: the train section's
+    /// `checkpoint = every(epochs=N)`, or the `final` of a finished run (to train
+    /// it longer with --epochs). A damaged checkpoint or one of another model is
+    /// refused and nothing is written.
+    #[arg(long, conflicts_with_all = ["overwrite", "init"])]
+    pub resume: bool,
 }
 
 #[derive(Debug, Args)]
@@ -151,7 +160,8 @@ pub struct ExplainArgs {
     pub engine: EngineArgs,
 }
 
-/// `--backend` and `--threads`, shared by the commands that run a model.
+/// `--backend`, `--threads` and `--checked`, shared by the commands that run a
+/// model.
 #[derive(Debug, Args)]
 pub struct EngineArgs {
     /// The engine that runs the graphs: `jit` (fused native kernels) or `interp`
@@ -162,6 +172,13 @@ pub struct EngineArgs {
     /// Worker threads for the JIT backend [default: all cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub threads: Option<u64>,
+
+    /// Bounds-check every load and store of the JIT's generated kernels (slower;
+    /// for finding bugs in cnnc). A failed check stops with an internal error
+    /// naming the kernel, the buffer and the layer. Also on when the environment
+    /// variable CNNC_CHECKED=1 is set.
+    #[arg(long)]
+    pub checked: bool,
 }
 
 impl EngineArgs {
@@ -172,6 +189,7 @@ impl EngineArgs {
             threads: self
                 .threads
                 .map_or(all, |t| usize::try_from(t).unwrap_or(all)),
+            checked: self.checked,
         }
     }
 }
@@ -223,6 +241,11 @@ pub struct DumpArgs {
     /// Threads the plan is made for (`plan`, `clif`) [default: all cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub threads: Option<u64>,
+
+    /// `clif`: the kernels as `--checked` builds them, with a bounds check
+    /// before every load and store.
+    #[arg(long)]
+    pub checked: bool,
 }
 
 #[derive(Debug, Args)]

@@ -110,6 +110,7 @@ fn run_cmd(args: &RunArgs, color: bool) -> i32 {
         epochs: args.epochs,
         engine: args.engine.engine(),
         init: args.init.clone(),
+        resume: args.resume,
         explain: checked.explain.clone(),
     };
     match crate::train::run(&args.file, model, train, &opts) {
@@ -128,7 +129,9 @@ fn run_cmd(args: &RunArgs, color: bool) -> i32 {
 
 fn run_error(e: crate::train::RunError) -> i32 {
     match e {
-        crate::train::RunError::Backend { .. } => internal_error(&e.to_string()),
+        crate::train::RunError::Backend { message } => {
+            internal_error(&format!("in the backend: {message}"))
+        }
         e => {
             print_err(&format!("error: {e}\n"));
             exit::USER
@@ -313,13 +316,27 @@ fn dump_graph(args: &DumpArgs, color: bool) -> i32 {
     };
     match args.stage {
         Stage::Plan => print_out(&cnnc_compiler::codegen::plan::Plan::new(&g, threads).dump()),
-        Stage::Clif => match cnnc_compiler::codegen::exec::Executable::new(&g, threads) {
+        Stage::Clif => match clif_executable(&g, threads, args.checked) {
             Ok(exe) => print_out(&exe.jit().dump_clif()),
             Err(e) => return internal_error(&format!("compiling the training graph: {e}")),
         },
         _ => print_out(&text::print(&g)),
     }
     exit::OK
+}
+
+/// The executable whose kernels `dump --stage clif` prints.
+fn clif_executable(
+    g: &cnnc_compiler::ir::Graph,
+    threads: usize,
+    checked: bool,
+) -> Result<cnnc_compiler::codegen::exec::Executable, String> {
+    use cnnc_compiler::codegen::exec::{ExecOptions, Executable, ThreadPool};
+    let opts = ExecOptions {
+        checked,
+        ..ExecOptions::default()
+    };
+    Executable::with_options(g, &ThreadPool::new(threads)?, &opts)
 }
 
 fn dump_checked(args: &DumpArgs, color: bool) -> i32 {
@@ -397,7 +414,7 @@ pub fn use_color(choice: Color) -> bool {
 }
 
 /// Columns to wrap diagnostics at: the terminal's width, else `$COLUMNS`, else 100.
-fn stderr_width() -> usize {
+pub(crate) fn stderr_width() -> usize {
     let stderr = std::io::stderr();
     if stderr.is_terminal() {
         if let Some((terminal_size::Width(w), _)) = terminal_size::terminal_size_of(&stderr) {

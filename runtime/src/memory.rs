@@ -71,7 +71,7 @@ mod tests {
         let fe = check_text(
             "t.cnn",
             "model M {\n  input x: [3, 64, 64]\n  conv c(16, kernel=3, pad=1)\n  global_avg_pool\n  linear fc(2)\n}\n\
-             train {\n  data = shapes(n=10, size=64, color=rgb, classes=2)\n  batch = 1000\n}\n",
+             train {\n  data = shapes(n=10, size=64, color=rgb, classes=2)\n  batch = 1000\n  optimizer = sgd(lr=0.1)\n}\n",
         );
         assert!(!fe.has_errors(), "{:?}", fe.diags);
         let c = fe.files[0].checked.as_ref().unwrap();

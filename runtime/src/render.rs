@@ -6,6 +6,7 @@
 
 use cnnc_compiler::diag::{Diag, DiagKind, LoadError};
 use cnnc_compiler::pipeline::Frontend;
+use cnnc_compiler::source::SourceMap;
 use miette::{
     Diagnostic, GraphicalReportHandler, GraphicalTheme, LabeledSpan, Severity, SourceCode,
 };
@@ -17,6 +18,24 @@ use std::fmt;
 /// summary line (`error: 2 errors and 1 warning in 1 file`). Empty when there are
 /// no diagnostics.
 pub fn human(fe: &Frontend, width: usize, color: bool) -> String {
+    let mut out = diagnostics(&fe.sources, &fe.diags, width, color);
+    if let Some(line) = summary_line(fe) {
+        if color {
+            let (word, rest) = line.split_once(':').unwrap_or((&line, ""));
+            let style = if word == "error" { "1;31" } else { "1;33" };
+            out.push_str(&format!("\x1b[{style}m{word}\x1b[0m:{rest}\n"));
+        } else {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// `diags` (their files in `sources`), each rendered as [`human`] does, without
+/// the summary line: also for the diagnostics `cnnc run` raises while training
+/// (gradient health, non-finite values).
+pub fn diagnostics(sources: &SourceMap, diags: &[Diag], width: usize, color: bool) -> String {
     let theme = if color {
         GraphicalTheme::unicode()
     } else {
@@ -32,11 +51,11 @@ pub fn human(fe: &Frontend, width: usize, color: bool) -> String {
         .without_syntax_highlighting();
 
     let mut out = String::new();
-    for diag in &fe.diags {
+    for diag in diags {
         let located = Located {
             diag,
             source: diag.file.map(|id| {
-                let f = fe.sources.get(id);
+                let f = sources.get(id);
                 FileSource {
                     name: &f.name,
                     text: &f.text,
@@ -52,7 +71,7 @@ pub fn human(fe: &Frontend, width: usize, color: bool) -> String {
         }));
         let one = match rendered {
             Ok(Some(one)) => one,
-            _ => plain(fe, diag),
+            _ => plain(sources, diag),
         };
         // No trailing spaces (miette pads empty source lines): snapshots survive
         // editors that strip them.
@@ -62,25 +81,15 @@ pub fn human(fe: &Frontend, width: usize, color: bool) -> String {
         }
         out.push('\n');
     }
-    if let Some(line) = summary_line(fe) {
-        if color {
-            let (word, rest) = line.split_once(':').unwrap_or((&line, ""));
-            let style = if word == "error" { "1;31" } else { "1;33" };
-            out.push_str(&format!("\x1b[{style}m{word}\x1b[0m:{rest}\n"));
-        } else {
-            out.push_str(&line);
-            out.push('\n');
-        }
-    }
     out
 }
 
 /// `E0401 file:line:col: message` and the help, when the graphical report fails.
-fn plain(fe: &Frontend, diag: &Diag) -> String {
+fn plain(sources: &SourceMap, diag: &Diag) -> String {
     let at = match (diag.file, diag.primary_span()) {
         (Some(id), Some((start, _))) => {
-            let (l, c) = fe.sources.line_col(id, start);
-            format!("{}:{l}:{c}: ", fe.sources.get(id).name)
+            let (l, c) = sources.line_col(id, start);
+            format!("{}:{l}:{c}: ", sources.get(id).name)
         }
         _ => String::new(),
     };

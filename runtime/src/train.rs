@@ -5,9 +5,21 @@
 //! parameters with the scheduled learning rate, and batchnorm's running statistics
 //! are updated. After every epoch the test set is evaluated, a line is printed,
 //! one object is appended to `metrics.jsonl`, and checkpoints are written.
+//!
+//! `cnnc run --resume` continues a run from the newest complete checkpoint of its
+//! folder (`--out DIR`, or `runs/<file stem>`, not `runs/<file stem>-2`, …; see
+//! `checkpoint.rs` for the format and what "complete" means). Everything is
+//! checked before anything is written, so a refused resume changes no file. Since
+//! every random choice is keyed by (seed, epoch, sample) or (seed, step), a resumed
+//! run ends with the same weights, bit for bit, as one never interrupted
+//! (`runtime/tests/resume.rs`). Checkpoints are taken at the end of an epoch, so a
+//! run killed mid-epoch repeats that epoch. `--epochs` may change between the
+//! parts of a run; a cosine schedule, whose length is the run's, is then
+//! stretched to the new length (a note says so) and the result is not that of
+//! an uninterrupted run.
 
 use crate::backend::{Backend, Interpreter, Jit};
-use crate::checkpoint::{self, CheckpointError, TrainPoint};
+use crate::checkpoint::{self, CheckpointError, RunIdentity, TrainState};
 use crate::data::{self, Batch, DataError, Dataset, Loader};
 use crate::optim::{ClipOutcome, ClipStats, Optimizer, Schedule};
 use crate::params::{Params, ParamsError};
@@ -51,8 +63,36 @@ pub enum RunError {
     Explain(String),
     #[error("{0}")]
     OutOfMemory(String),
+    /// A step's loss or gradients were not finite (the diagnosis is printed
+    /// before; `nonfinite.rs`).
+    #[error("{0}")]
+    NonFinite(String),
     #[error("internal error in the backend: {message}")]
     Backend { message: String },
+    #[error(
+        "there is no run folder `{}` to resume\n\
+         help: name the run's folder with --out DIR",
+        .0.display()
+    )]
+    NoRunFolder(PathBuf),
+    #[error(
+        "the newest complete checkpoint, `{}`, is at epoch {epoch}, past the {epochs} \
+         epochs asked for\n\
+         help: resume with --epochs {epoch} or more",
+        path.display()
+    )]
+    ResumePast {
+        path: PathBuf,
+        epoch: u64,
+        epochs: u64,
+    },
+    #[error(
+        "checkpoint `{}` was trained on {saved} images per epoch, but the data now has \
+         {now}\n\
+         help: resume with the data the run started with, or start a new run without --resume",
+        path.display()
+    )]
+    DataChanged { path: PathBuf, saved: u64, now: u64 },
 }
 
 /// Which engine runs the graphs.
@@ -79,6 +119,8 @@ pub struct Engine {
     pub kind: BackendKind,
     /// Worker threads (the interpreter always runs on one).
     pub threads: usize,
+    /// Bounds-check the JIT's kernels (`--checked`).
+    pub checked: bool,
 }
 
 impl Engine {
@@ -97,6 +139,9 @@ pub struct RunOptions {
     pub epochs: Option<u64>,
     pub engine: Engine,
     pub init: Option<PathBuf>,
+    /// Continue the run in `out` (or `runs/<file stem>`) from its newest complete
+    /// checkpoint.
+    pub resume: bool,
     /// The `explain` directives to run after training.
     pub explain: Vec<ExplainDirective>,
 }
@@ -115,6 +160,10 @@ struct EpochMetrics {
     clip_fired: f64,
     grad_norm_mean: f64,
     grad_norm_max: f32,
+    /// Steps whose update was skipped (`on_nonfinite = skip`), this epoch.
+    nonfinite_skipped: u64,
+    /// Per-layer weight and gradient norms (`health.rs`).
+    health: crate::health::EpochHealth,
 }
 
 /// The final figures of a run.
@@ -152,6 +201,12 @@ pub struct StepReport {
     /// Images whose top class is the label.
     pub correct: usize,
     pub clip: ClipOutcome,
+    /// The update was applied: false when the loss, a gradient or a running
+    /// statistic was not finite (`nonfinite.rs`), and then nothing changed.
+    pub applied: bool,
+    /// Sum of squares (f64) of each gradient before clipping, in
+    /// `Params::trainable()` order (gradient health reads them).
+    pub grad_sq: Vec<f64>,
 }
 
 /// One full training step, the single code path of `cnnc run` and `cnnc bench`:
@@ -170,6 +225,20 @@ pub fn train_step(
     let s = engine
         .train_step(params, &batch.x, &batch.labels, batch.n, seed)
         .map_err(backend_error)?;
+    // Non-finite check (nonfinite.rs): such a step changes nothing.
+    let grad_sq = crate::nonfinite::sums_of_squares(&s.grads);
+    if !crate::nonfinite::step_is_finite(s.loss, &grad_sq, &s.updates) {
+        return Ok(StepReport {
+            loss: s.loss,
+            correct: s.correct,
+            clip: ClipOutcome {
+                fired: false,
+                norm: grad_sq.iter().sum::<f64>().sqrt() as f32,
+            },
+            applied: false,
+            grad_sq,
+        });
+    }
     let clip = engine
         .update(params, opt, s.grads, &plan.layer_of, plan.clip, lr)
         .map_err(backend_error)?;
@@ -184,6 +253,8 @@ pub fn train_step(
         loss: s.loss,
         correct: s.correct,
         clip,
+        applied: true,
+        grad_sq,
     })
 }
 
@@ -197,7 +268,9 @@ pub(crate) fn backend(
         smoothing
     });
     match engine.kind {
-        BackendKind::Jit => Box::new(Jit::new(model, smoothing, engine.threads)),
+        BackendKind::Jit => {
+            Box::new(Jit::new(model, smoothing, engine.threads).with_checks(engine.checked))
+        }
         BackendKind::Interp => Box::new(Interpreter::new(model, smoothing)),
     }
 }
@@ -314,29 +387,58 @@ pub fn run(
     check_data(model, &splits.train)?;
     check_data(model, &splits.test)?;
     let specs = param_specs(model);
-    let mut params = match &opts.init {
-        Some(path) => checkpoint::load_weights(path, &specs)?,
-        None => Params::init(&specs, cfg.seed)?,
+    let identity = RunIdentity::new(model, cfg)
+        .map_err(|e| backend_error(format!("cannot serialise the checked model: {e}")))?;
+    let mut opt = Optimizer::new(&cfg.optimizer, &specs);
+    let epochs = opts.epochs.unwrap_or(cfg.epochs);
+    let train_images = splits.train.len() as u64;
+    // Resuming reads and checks everything before the first write.
+    let resumed = if opts.resume {
+        Some(resume_point(
+            file,
+            opts.out.as_deref(),
+            &specs,
+            &identity,
+            &mut opt,
+            epochs,
+            train_images,
+        )?)
+    } else {
+        None
     };
-    let out = run_folder(file, opts.out.as_deref(), opts.overwrite, "")?;
+    let (out, mut params, start) = match resumed {
+        Some((out, r)) => (out, r.params, Some((r.stem, r.state, r.skipped))),
+        None => {
+            let params = match &opts.init {
+                Some(path) => checkpoint::load_weights(path, &specs)?,
+                None => Params::init(&specs, cfg.seed)?,
+            };
+            let out = run_folder(file, opts.out.as_deref(), opts.overwrite, "")?;
+            checkpoint::clear(&out.join("checkpoints"))?;
+            (out, params, None)
+        }
+    };
     let ckpt_dir = out.join("checkpoints");
     std::fs::create_dir_all(&ckpt_dir).map_err(|e| RunError::Write {
-        path: ckpt_dir,
+        path: ckpt_dir.clone(),
         reason: e.to_string(),
     })?;
     let mut engine = backend(opts.engine, model, Some(cfg));
-    let mut opt = Optimizer::new(&cfg.optimizer, &specs);
     let schedule = Schedule::new(&cfg.schedule);
-    let epochs = opts.epochs.unwrap_or(cfg.epochs);
     let train_loader = Loader::from_config(&splits.train, cfg)?;
     let test_loader = Loader::from_config(&splits.test, cfg)?;
     let steps_per_epoch = train_loader.num_batches() as u64;
     let plan = StepPlan::new(&params, &cfg.clip);
     let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| RunError::Write {
-        path: metrics_path.clone(),
-        reason: e.to_string(),
-    })?;
+    if let Some((_, _, skipped)) = &start {
+        // The saves passed over and temporary files go; so do checkpoints a
+        // killed run had no time to prune.
+        checkpoint::discard(&ckpt_dir, skipped)?;
+        if let Some(ck) = &cfg.checkpoint {
+            checkpoint::prune(&ckpt_dir, ck.keep as usize)?;
+        }
+    }
+    let mut metrics = open_metrics(&metrics_path, start.as_ref().map(|s| s.1.epoch))?;
     println!(
         "training `{}` on {} images ({} test), {} epochs of {} steps, {}; run folder {}",
         model.name,
@@ -359,10 +461,26 @@ pub fn run(
             eprintln!("warning: {w}");
         }
     }
-    let mut step: u64 = 0;
+    // Gradient health and the non-finite policy (health.rs, nonfinite.rs).
+    let reporter = crate::health::Reporter::new(file, model);
+    let mut health = crate::health::Health::new(model, &params, steps_per_epoch);
+    let mut guard = crate::nonfinite::Guard::new(&cfg.on_nonfinite, model, smoothing, &reporter);
+    let (first_epoch, mut step, mut last_lr) = match &start {
+        Some((stem, state, skipped)) => {
+            report_resume(&ckpt_dir, stem, state, skipped, epochs, cfg);
+            guard.resume_from(state.nonfinite_skipped);
+            (state.epoch, state.step, state.lr)
+        }
+        None => (0, 0, 0.0),
+    };
     let mut clip_stats = ClipStats::default();
-    let mut last = (0.0, 0.0);
-    for epoch in 0..epochs {
+    let mut last = if first_epoch >= epochs {
+        // Nothing left to train: the figures of the checkpoint's weights.
+        evaluate(engine.as_mut(), &params, &test_loader, None)?
+    } else {
+        (0.0, 0.0)
+    };
+    for epoch in first_epoch..epochs {
         let t0 = Instant::now();
         let bar = ProgressBar::new(splits.train.len() as u64);
         bar.set_style(
@@ -385,6 +503,21 @@ pub fn run(
                 seed,
                 lr,
             )?;
+            // Non-finite hook: abort, or skip (nothing was updated).
+            if !s.applied {
+                step += 1;
+                let trip = crate::nonfinite::Trip {
+                    batch: &batch,
+                    seed,
+                    step,
+                    epoch: epoch + 1,
+                    loss: s.loss,
+                    norm: f64::from(s.clip.norm),
+                };
+                bar.suspend(|| guard.tripped(&trip, &params))?;
+                continue;
+            }
+            health.record(step + 1, &s.grad_sq, &params);
             clip_stats.record(&s.clip);
             loss_sum += s.loss as f64 * batch.n as f64;
             correct += s.correct;
@@ -403,6 +536,9 @@ pub fn run(
         let train_secs = t0.elapsed().as_secs_f64();
         let (test_loss, test_acc) = evaluate(engine.as_mut(), &params, &test_loader, None)?;
         let clipped = clip_stats.take();
+        // Gradient health hook: the table, the warnings, the `health` field.
+        let (epoch_health, health_table, findings) =
+            health.end_epoch(step, &params, &clipped, &cfg.clip);
         let m = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / seen.max(1) as f64,
@@ -415,6 +551,8 @@ pub fn run(
             clip_fired: clipped.fired_fraction(),
             grad_norm_mean: clipped.mean_norm(),
             grad_norm_max: clipped.max_norm,
+            nonfinite_skipped: guard.take_epoch_skipped(),
+            health: epoch_health,
         };
         println!(
             "epoch {:>3}/{epochs}  train loss {:.4} acc {:5.1}%  test loss {:.4} acc {:5.1}%  {:>6.0} img/s  {:5.1} s  lr {:.4}  clipped {:.0}%",
@@ -428,6 +566,8 @@ pub fn run(
             m.lr,
             100.0 * m.clip_fired
         );
+        print!("{health_table}");
+        crate::health::warn(&reporter, &findings);
         let line = serde_json::to_string(&m).map_err(|e| RunError::Write {
             path: metrics_path.clone(),
             reason: e.to_string(),
@@ -436,23 +576,33 @@ pub fn run(
             path: metrics_path.clone(),
             reason: e.to_string(),
         })?;
+        last_lr = lr;
         if let Some(ck) = &cfg.checkpoint {
             if (epoch + 1) % ck.every == 0 {
-                save(
-                    &out,
-                    &format!("epoch-{:04}", epoch + 1),
-                    model,
-                    &params,
-                    &opt,
-                    epoch + 1,
+                let at = TrainState {
+                    step,
+                    epoch: epoch + 1,
+                    epochs,
                     lr,
-                )?;
-                prune(&out, ck.keep as usize)?;
+                    train_images,
+                    nonfinite_skipped: guard.skipped(),
+                };
+                let stem = format!("epoch-{:04}", epoch + 1);
+                save(&ckpt_dir, &stem, &identity, &params, &opt, &at, &metrics)?;
+                checkpoint::prune(&ckpt_dir, ck.keep as usize)?;
             }
         }
         last = (test_loss, test_acc);
     }
-    save(&out, "final", model, &params, &opt, epochs, 0.0)?;
+    let at = TrainState {
+        step,
+        epoch: epochs,
+        epochs,
+        lr: last_lr,
+        train_images,
+        nonfinite_skipped: guard.skipped(),
+    };
+    save(&ckpt_dir, "final", &identity, &params, &opt, &at, &metrics)?;
     if !opts.explain.is_empty() {
         let summary = crate::explain::run(&crate::explain::Request {
             model,
@@ -474,56 +624,165 @@ pub fn run(
     })
 }
 
+/// Saves checkpoint `stem`, after flushing `metrics.jsonl` to disk so that a
+/// complete checkpoint never gets ahead of the metrics lines it needs.
 fn save(
-    out: &Path,
+    dir: &Path,
     stem: &str,
-    model: &CheckedModel,
+    id: &RunIdentity,
     params: &Params,
     opt: &Optimizer,
-    epoch: u64,
-    lr: f32,
+    at: &TrainState,
+    metrics: &std::fs::File,
 ) -> Result<(), RunError> {
-    let dir = out.join("checkpoints");
-    checkpoint::save_weights(
-        &dir.join(format!("{stem}.safetensors")),
-        &model.name,
-        params,
-    )?;
-    checkpoint::save_optimizer(
-        &dir.join(format!("{stem}.optimizer.safetensors")),
-        &model.name,
-        params,
-        opt,
-        TrainPoint { epoch, lr },
-    )?;
+    metrics.sync_data().map_err(|e| RunError::Write {
+        path: dir.with_file_name("metrics.jsonl"),
+        reason: e.to_string(),
+    })?;
+    checkpoint::save_checkpoint(dir, stem, id, params, opt, at)?;
     Ok(())
 }
 
-/// Keeps the newest `keep` epoch checkpoints (weights and optimizer state).
-fn prune(out: &Path, keep: usize) -> Result<(), RunError> {
-    let dir = out.join("checkpoints");
-    let mut epochs: Vec<String> = std::fs::read_dir(&dir)
-        .map_err(|e| RunError::Write {
-            path: dir.clone(),
-            reason: e.to_string(),
-        })?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| {
-            n.starts_with("epoch-") && n.ends_with(".safetensors") && !n.contains(".optimizer.")
-        })
-        .collect();
-    epochs.sort();
-    let remove = epochs.len().saturating_sub(keep);
-    for name in &epochs[..remove] {
-        let stem = name.trim_end_matches(".safetensors");
-        for f in [
-            format!("{stem}.safetensors"),
-            format!("{stem}.optimizer.safetensors"),
-        ] {
-            let _ = std::fs::remove_file(dir.join(f));
+/// For `--resume`: the run folder (`out`, or `runs/<file stem>`) and its newest
+/// complete checkpoint, loaded and checked against the model, its `train` section,
+/// the data and the epochs asked for. Writes nothing.
+fn resume_point(
+    file: &Path,
+    out: Option<&Path>,
+    specs: &[cnnc_compiler::params::ParamSpec],
+    id: &RunIdentity,
+    opt: &mut Optimizer,
+    epochs: u64,
+    train_images: u64,
+) -> Result<(PathBuf, checkpoint::Resumed), RunError> {
+    let dir = match out {
+        Some(d) => d.to_path_buf(),
+        None => {
+            let stem = file
+                .file_stem()
+                .map_or("run".into(), |s| s.to_string_lossy().into_owned());
+            let dir = PathBuf::from("runs").join(&stem);
+            if dir.is_dir() && PathBuf::from("runs").join(format!("{stem}-2")).exists() {
+                println!(
+                    "note: resuming `{}`; later runs of this file are in `{}-2`, …: name one \
+                     with --out to resume it instead",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            dir
+        }
+    };
+    if !dir.is_dir() {
+        return Err(RunError::NoRunFolder(dir));
+    }
+    let ckpt_dir = dir.join("checkpoints");
+    let r = checkpoint::resume(&ckpt_dir, specs, id, opt)?;
+    let path = ckpt_dir.join(&r.stem);
+    if r.state.epoch > epochs {
+        return Err(RunError::ResumePast {
+            path,
+            epoch: r.state.epoch,
+            epochs,
+        });
+    }
+    if r.state.train_images != train_images {
+        return Err(RunError::DataChanged {
+            path,
+            saved: r.state.train_images,
+            now: train_images,
+        });
+    }
+    Ok((dir, r))
+}
+
+/// Says which checkpoint a resumed run starts from, and which newer saves it
+/// passed over.
+fn report_resume(
+    dir: &Path,
+    stem: &str,
+    state: &TrainState,
+    skipped: &[checkpoint::Skipped],
+    epochs: u64,
+    cfg: &TrainConfig,
+) {
+    for s in skipped {
+        println!(
+            "skipping `{}`: {} (removed)",
+            dir.join(&s.stem).display(),
+            s.reason
+        );
+    }
+    println!(
+        "resuming from `{}`: epoch {} of {epochs} done, step {}",
+        dir.join(stem).display(),
+        state.epoch,
+        state.step
+    );
+    if state.epochs != epochs
+        && matches!(
+            cfg.schedule,
+            cnnc_compiler::checked::Schedule::Cosine { .. }
+        )
+    {
+        println!(
+            "note: the run was planned for {} epochs and now for {epochs}: the cosine \
+             schedule is stretched to the new length, so the result differs from an \
+             uninterrupted run of {epochs} epochs",
+            state.epochs
+        );
+    }
+    if state.epoch >= epochs {
+        println!("nothing left to train: writing the final checkpoint");
+    }
+}
+
+/// Opens `metrics.jsonl` for the epochs to come: a new file; or, resuming after
+/// epoch `done`, the file with exactly its lines of epochs `1..=done` (rewritten
+/// atomically: lines of later epochs and a line cut short by the interruption go),
+/// opened for appending.
+fn open_metrics(path: &Path, done: Option<u64>) -> Result<std::fs::File, RunError> {
+    let fail = |e: std::io::Error| RunError::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let Some(done) = done else {
+        return std::fs::File::create(path).map_err(fail);
+    };
+    let old = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(fail(e)),
+    };
+    let mut kept = String::new();
+    let mut seen = Vec::new();
+    for line in old.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+        let epoch = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("epoch")?.as_u64());
+        if let Some(e) = epoch.filter(|e| (1..=done).contains(e) && !seen.contains(e)) {
+            kept.push_str(line);
+            seen.push(e);
         }
     }
-    Ok(())
+    let missing: Vec<String> = (1..=done)
+        .filter(|e| !seen.contains(e))
+        .map(|e| e.to_string())
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: `{}` has no line for epoch {}; the resumed run's lines follow from \
+             epoch {}",
+            path.display(),
+            missing.join(", "),
+            done + 1
+        );
+    }
+    checkpoint::write_atomic(path, kept.as_bytes()).map_err(fail)?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(fail)
 }
 
 /// Mean loss and accuracy over a data set, in inference mode.

@@ -66,7 +66,11 @@ fn images(n: usize, shape: [usize; 3]) -> Vec<f32> {
 }
 
 fn engine(kind: BackendKind) -> Engine {
-    Engine { kind, threads: 2 }
+    Engine {
+        kind,
+        threads: 2,
+        checked: false,
+    }
 }
 
 fn compute(

@@ -1,5 +1,7 @@
 //! Check-stage diagnostics: names (E02xx), arguments (E03xx), shapes (E04xx), the
 //! train section (E05xx), the explain section (E06xx), and warnings (W0xxx).
+//! The last variants of each enum are raised while training, by `cnnc run`
+//! (non-finite values E0701, gradient health W0007–W0008); they point at a layer.
 //! Each variant's doc comment is the long form printed by `cnnc explain-code`.
 
 use miette::{Diagnostic, SourceSpan};
@@ -635,6 +637,46 @@ pub enum CheckError {
         #[help]
         help: Option<String>,
     },
+
+    // ------------------------------------------------- run time (`cnnc run`)
+    /// A training step computed a value that is not a finite number (NaN or
+    /// ±infinity), so its update would wreck the weights.
+    ///
+    /// After every step `cnnc run` checks that the loss and the global gradient
+    /// norm are finite. When they are not, the step is replayed (same batch,
+    /// parameters and dropout seed) on the reference interpreter, and the first
+    /// op whose output holds NaN or ±inf — in forward order, then backward — is
+    /// reported on the layer it belongs to, with its output shape and the range
+    /// of its inputs. Typical causes: a learning rate so large that the weights
+    /// overflow (`inf` in a conv or linear layer), a division by zero (a
+    /// batchnorm over a constant channel whose `eps` is too small for f32), huge
+    /// `weights=` literals.
+    ///
+    /// What happens next is `on_nonfinite` in the `train` section: `abort` (the
+    /// default) stops the run with exit code 1, keeping the checkpoints written
+    /// so far; `skip(max=N)` drops the step's update (weights, optimizer state and
+    /// running statistics stay as they were) and aborts after more than N
+    /// skipped steps.
+    ///
+    /// Fix: lower `lr`, add `clip = norm(1.0)`, raise `eps`, or remove what the
+    /// diagnostic points at.
+    #[error("step {step} (epoch {epoch}): `{op}` of `{layer}` produced {what} ({phase})")]
+    #[diagnostic(code(E0701))]
+    NonFinite {
+        step: u64,
+        epoch: u64,
+        op: String,
+        layer: String,
+        /// `NaN`, `inf`, `NaN and inf`.
+        what: String,
+        /// `forward`, `backward`, or `a parameter`.
+        phase: String,
+        #[label("{label}")]
+        span: SourceSpan,
+        label: String,
+        #[help]
+        help: Option<String>,
+    },
 }
 
 /// Warnings: the model is valid but probably not what was meant.
@@ -722,5 +764,55 @@ pub enum Lint {
         block: String,
         #[label("unused")]
         span: SourceSpan,
+    },
+
+    /// A layer's gradient is vanishing: its L2 norm has stayed tiny next to the
+    /// norm of its weights (`|g|/|w| < 1e-6`, or exactly zero) for the last five
+    /// gradient-health measurements of `cnnc run`, so the layer barely learns.
+    ///
+    /// Raised while training (never by `cnnc check`). The norms are per layer
+    /// (all its trainable tensors), before clipping; `metrics.jsonl` holds them.
+    /// Typical causes: a ReLU whose inputs are all negative ("dead" units: the
+    /// gradient is exactly 0), a saturated sigmoid or tanh, a deep stack without
+    /// normalisation or residual connections, a tiny frozen layer downstream.
+    ///
+    /// Fix: normalise (`batchnorm`), use residual connections, `leaky_relu`, a
+    /// better initialisation, or a larger learning rate for this part.
+    #[error("the gradient of `{layer}` is vanishing: |g|/|w| = {ratio} over the last {count} measurements")]
+    #[diagnostic(code(W0007), severity(Warning))]
+    VanishingGradient {
+        layer: String,
+        /// The last ratio, formatted.
+        ratio: String,
+        count: usize,
+        #[label("this layer's gradient is {ratio} of its weights")]
+        span: SourceSpan,
+        #[help]
+        help: Option<String>,
+    },
+
+    /// A layer's gradient is exploding: its L2 norm grew at each of the last
+    /// five gradient-health measurements of `cnnc run` and by at least 100×
+    /// overall, or the clip policy fired on more than half of an epoch's steps
+    /// (this layer having the largest gradient).
+    ///
+    /// Raised while training (never by `cnnc check`). Growing gradients usually
+    /// end in non-finite values (E0701); a clip that fires on almost every step
+    /// means the gradients are always larger than its limit, so the learning
+    /// rate is in effect lowered.
+    ///
+    /// Fix: lower `lr` (or add warm-up), add `clip = norm(1.0)`, normalise the
+    /// layer's input (`batchnorm`); for a clip that always fires, raise its limit.
+    #[error("the gradient of `{layer}` is exploding: {evidence}")]
+    #[diagnostic(code(W0008), severity(Warning))]
+    ExplodingGradient {
+        layer: String,
+        /// What was seen (the growth, or the clip's firing rate).
+        evidence: String,
+        #[label("gradient norm {norm} here")]
+        span: SourceSpan,
+        norm: String,
+        #[help]
+        help: Option<String>,
     },
 }

@@ -5,7 +5,7 @@
 use crate::params::Params;
 use crate::train::{BackendKind, Engine};
 use cnnc_compiler::checked::{CheckedModel, ValueId};
-use cnnc_compiler::codegen::exec::{Executable, ThreadPool};
+use cnnc_compiler::codegen::exec::{ExecOptions, Executable, ThreadPool};
 use cnnc_compiler::interp::{self, Tensor};
 use cnnc_compiler::ir::lower::{eval_graph, feature_grad_graph, features_graph, input_grad_graph};
 use cnnc_compiler::ir::{Graph, Role, Vid};
@@ -91,7 +91,11 @@ impl Runner {
                         self.pool = Some(ThreadPool::new(self.engine.effective_threads())?);
                     }
                     let pool = self.pool.as_ref().expect("started");
-                    Compiled::Jit(Box::new(Executable::with_pool(&g, pool)?))
+                    let opts = ExecOptions {
+                        checked: self.engine.checked,
+                        ..ExecOptions::default()
+                    };
+                    Compiled::Jit(Box::new(Executable::with_options(&g, pool, &opts)?))
                 }
             };
             self.compiled.insert((kind, batch), c);
