@@ -256,13 +256,15 @@ pub fn run(req: &Request) -> Result<Summary, RunError> {
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
     let mut runner = Runner::new(req.model, req.engine);
     let mut explained = Vec::new();
+    // Inputs and masks already written (several directives share samples).
+    let mut written = HashSet::new();
     for (k, d) in req.directives.iter().enumerate() {
         let data = match d.split {
             Split::Train => &req.splits.train,
             Split::Test => &req.splits.test,
         };
         let e = explain_one(&mut runner, req.params, d, data, req.train, k as u64)?;
-        write_directive(dir, &e, data)?;
+        write_directive(dir, &e, data, &mut written)?;
         explained.push(e);
     }
     let evaluation = if req.evaluate {
@@ -292,7 +294,12 @@ fn shown(map: &[f32]) -> Option<Vec<f32>> {
     render::normalize01(&mag)
 }
 
-fn write_directive(dir: &Path, e: &Explained, data: &Dataset) -> Result<(), RunError> {
+fn write_directive(
+    dir: &Path,
+    e: &Explained,
+    data: &Dataset,
+    written: &mut HashSet<String>,
+) -> Result<(), RunError> {
     let [c, h, w] = data.shape;
     let scale = render::display_scale(h, w);
     let out = dir.join(&e.directive.output);
@@ -305,11 +312,10 @@ fn write_directive(dir: &Path, e: &Explained, data: &Dataset) -> Result<(), RunE
         render::save_png(&path, img).map_err(|err| write_err(&path, err))
     };
     let mut tiles = Vec::new();
-    let mut done = HashSet::new();
     for s in &e.samples {
         // The display is of the stored image (before any normalisation).
         let img = data.image(s.index);
-        if done.insert(s.name.clone()) {
+        if written.insert(s.name.clone()) {
             let input = image::imageops::resize(
                 &render::display_image(img, c, h, w),
                 w as u32 * scale,
@@ -359,6 +365,10 @@ fn page(req: &Request, explained: &[Explained], ev: Option<&evaluate::Evaluation
             .iter()
             .map(|e| {
                 let o = &e.directive.output;
+                let has_masks = match e.directive.split {
+                    Split::Train => req.splits.train.masks.is_some(),
+                    Split::Test => req.splits.test.masks.is_some(),
+                };
                 html::MethodSection {
                     name: o.clone(),
                     description: describe(req.model, &e.directive),
@@ -372,12 +382,7 @@ fn page(req: &Request, explained: &[Explained], ev: Option<&evaluate::Evaluation
                             overlay_png: format!("{o}/{}.png", s.name),
                             heat_png: format!("{o}/{}.heat.png", s.name),
                             npy: format!("{o}/{}.npy", s.name),
-                            mask_png: req
-                                .splits
-                                .test
-                                .masks
-                                .as_ref()
-                                .map(|_| format!("masks/{}.png", s.name)),
+                            mask_png: has_masks.then(|| format!("masks/{}.png", s.name)),
                             label: s.label,
                             predicted: s.predicted,
                             probability: s.probability,
