@@ -42,6 +42,44 @@ fn conv_out(x: &Shape, w: &Shape, a: ConvAttrs) -> Option<Shape> {
     Op::Conv2d(a).infer(&[x, w]).ok().map(|mut v| v.remove(0))
 }
 
+/// The forward conv, its input gradient and its weight gradient on random data
+/// of shapes `[x, w, y]`, each against the f64 interpreter; with `direct`, also
+/// the direct (non-GEMM) forward kernel.
+fn check_conv_family(
+    jit: &mut Jit,
+    rng: &mut Rng,
+    a: ConvAttrs,
+    [xs, ws, ys]: [&Shape; 3],
+    direct: bool,
+    what: &str,
+) {
+    let x = data64(rng, xs.iter().product());
+    let wt = data64(rng, ws.iter().product());
+    let dy = data64(rng, ys.iter().product());
+    let fwd = [(xs.clone(), x.clone()), (ws.clone(), wt.clone())];
+    check64(jit, Op::Conv2d(a), None, &fwd, TOL, what);
+    if direct {
+        let spec = KernelSpec::Conv(ConvKernel::Direct {
+            x: xs.clone(),
+            w: ws.clone(),
+            attrs: a,
+        });
+        check64(jit, Op::Conv2d(a), Some(spec), &fwd, TOL, what);
+    }
+    let (h, w) = (xs[2], xs[3]);
+    let gi = [(ys.clone(), dy.clone()), (ws.clone(), wt)];
+    check64(jit, Op::Conv2dGradInput(a, [h, w]), None, &gi, TOL, what);
+    let gw = [(xs.clone(), x), (ys.clone(), dy)];
+    check64(
+        jit,
+        Op::Conv2dGradWeight(a, [ws[2], ws[3]]),
+        None,
+        &gw,
+        TOL,
+        what,
+    );
+}
+
 #[test]
 fn conv_kernels_match_the_interpreter() {
     let mut jit = jit();
@@ -62,35 +100,7 @@ fn conv_kernels_match_the_interpreter() {
             continue; // depthwise: its own test
         }
         let what = format!("conv x{xs:?} w{ws:?} {a:?}");
-        let x = data64(&mut rng, xs.iter().product());
-        let wt = data64(&mut rng, ws.iter().product());
-        let dy = data64(&mut rng, ys.iter().product());
-        let fwd = [(xs.clone(), x.clone()), (ws.clone(), wt.clone())];
-        check64(&mut jit, Op::Conv2d(a), None, &fwd, TOL, &what);
-        let direct = KernelSpec::Conv(ConvKernel::Direct {
-            x: xs.clone(),
-            w: ws.clone(),
-            attrs: a,
-        });
-        check64(&mut jit, Op::Conv2d(a), Some(direct), &fwd, TOL, &what);
-        let gi = [(ys.clone(), dy.clone()), (ws.clone(), wt)];
-        check64(
-            &mut jit,
-            Op::Conv2dGradInput(a, [h, w]),
-            None,
-            &gi,
-            TOL,
-            &what,
-        );
-        let gw = [(xs, x), (ys, dy)];
-        check64(
-            &mut jit,
-            Op::Conv2dGradWeight(a, [k, k]),
-            None,
-            &gw,
-            TOL,
-            &what,
-        );
+        check_conv_family(&mut jit, &mut rng, a, [&xs, &ws, &ys], true, &what);
         done += 1;
     }
 }
@@ -112,29 +122,7 @@ fn depthwise_kernels_match_the_interpreter() {
             continue;
         };
         let what = format!("depthwise x{xs:?} w{ws:?} {a:?}");
-        let x = data64(&mut rng, xs.iter().product());
-        let wt = data64(&mut rng, ws.iter().product());
-        let dy = data64(&mut rng, ys.iter().product());
-        let fwd = [(xs.clone(), x.clone()), (ws.clone(), wt.clone())];
-        check64(&mut jit, Op::Conv2d(a), None, &fwd, TOL, &what);
-        let gi = [(ys.clone(), dy.clone()), (ws.clone(), wt)];
-        check64(
-            &mut jit,
-            Op::Conv2dGradInput(a, [h, w]),
-            None,
-            &gi,
-            TOL,
-            &what,
-        );
-        let gw = [(xs, x), (ys, dy)];
-        check64(
-            &mut jit,
-            Op::Conv2dGradWeight(a, [kh, kw]),
-            None,
-            &gw,
-            TOL,
-            &what,
-        );
+        check_conv_family(&mut jit, &mut rng, a, [&xs, &ws, &ys], false, &what);
         done += 1;
     }
 }

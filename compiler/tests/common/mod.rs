@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use cnnc_compiler::codegen::{Jit, KernelSpec, Par};
-use cnnc_compiler::interp::{run, Tensor};
+use cnnc_compiler::interp::{run, Scalar, Tensor};
 use cnnc_compiler::ir::*;
 use ndarray::{ArrayD, IxDyn};
 
@@ -39,8 +39,13 @@ impl Rng {
     }
 }
 
-/// The interpreter's outputs for `op` applied to `inputs`.
+/// The interpreter's outputs for `op` applied to `inputs`, in f32.
 pub fn oracle(op: Op, inputs: &[(Shape, Vec<f32>)]) -> Vec<Vec<f32>> {
+    oracle_in(op, inputs)
+}
+
+/// The interpreter's outputs for `op` applied to `inputs`, in any precision.
+fn oracle_in<T: Scalar>(op: Op, inputs: &[(Shape, Vec<T>)]) -> Vec<Vec<T>> {
     let mut g = Graph::new("one");
     let ids: Vec<Vid> = inputs
         .iter()
@@ -52,7 +57,7 @@ pub fn oracle(op: Op, inputs: &[(Shape, Vec<f32>)]) -> Vec<Vec<f32>> {
         .iter()
         .zip(inputs)
         .map(|(&v, (s, d))| {
-            let t: Tensor<f32> = ArrayD::from_shape_vec(IxDyn(s), d.clone()).unwrap();
+            let t: Tensor<T> = ArrayD::from_shape_vec(IxDyn(s), d.clone()).unwrap();
             (v, t)
         })
         .collect();
@@ -130,25 +135,7 @@ pub fn data64(rng: &mut Rng, n: usize) -> Vec<f64> {
 
 /// The interpreter's outputs in f64 for `op` applied to `inputs`.
 pub fn oracle64(op: Op, inputs: &[(Shape, Vec<f64>)]) -> Vec<Vec<f64>> {
-    let mut g = Graph::new("one");
-    let ids: Vec<Vid> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, (s, _))| g.add_value(format!("in{i}"), s.clone(), Role::Input))
-        .collect();
-    let outs = g.push(op, &ids, None);
-    let feeds = ids
-        .iter()
-        .zip(inputs)
-        .map(|(&v, (s, d))| {
-            let t: Tensor<f64> = ArrayD::from_shape_vec(IxDyn(s), d.clone()).unwrap();
-            (v, t)
-        })
-        .collect();
-    let vals = run(&g, feeds).unwrap();
-    outs.iter()
-        .map(|o| vals.get(*o).iter().copied().collect())
-        .collect()
+    oracle_in(op, inputs)
 }
 
 /// [`check`] in f64: `spec` (the node's kernel, or another kernel computing
