@@ -602,48 +602,37 @@ impl<'g> Planner<'g> {
                         vec![s, q],
                         vec![mean, var],
                     );
+                } else {
+                    let s = self.temp("bn_sum", vec![c]);
+                    let q = self.temp("bn_sqdev", vec![c]);
                     self.push(
                         ops,
-                        layer,
-                        k(NormKernel::BnApply {
-                            shape: x_shape,
-                            eps: *eps,
-                            relu: relu.is_some(),
+                        layer.clone(),
+                        k(NormKernel::BnSum {
+                            shape: x_shape.clone(),
                         }),
-                        vec![x, gamma, beta, mean, var],
-                        vec![y],
+                        vec![x],
+                        vec![s],
                     );
-                    return;
+                    self.push(
+                        ops,
+                        layer.clone(),
+                        k(NormKernel::BnSqDev {
+                            shape: x_shape.clone(),
+                        }),
+                        vec![x, s],
+                        vec![q],
+                    );
+                    self.push(
+                        ops,
+                        layer.clone(),
+                        k(NormKernel::BnStats {
+                            shape: x_shape.clone(),
+                        }),
+                        vec![s, q],
+                        vec![mean, var],
+                    );
                 }
-                let s = self.temp("bn_sum", vec![c]);
-                let q = self.temp("bn_sqdev", vec![c]);
-                self.push(
-                    ops,
-                    layer.clone(),
-                    k(NormKernel::BnSum {
-                        shape: x_shape.clone(),
-                    }),
-                    vec![x],
-                    vec![s],
-                );
-                self.push(
-                    ops,
-                    layer.clone(),
-                    k(NormKernel::BnSqDev {
-                        shape: x_shape.clone(),
-                    }),
-                    vec![x, s],
-                    vec![q],
-                );
-                self.push(
-                    ops,
-                    layer.clone(),
-                    k(NormKernel::BnStats {
-                        shape: x_shape.clone(),
-                    }),
-                    vec![s, q],
-                    vec![mean, var],
-                );
                 self.push(
                     ops,
                     layer,
