@@ -4,28 +4,10 @@
 //! of range, the wrong image size), a model too big for this machine's memory
 //! (refused from the check stage's estimate before any data is read).
 
+mod common;
+
+use common::{cnnc_in, fresh_dir, text};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn cnnc_in(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cnnc"))
-        .args(args)
-        .current_dir(cwd)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("cnnc runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cnnc-bad-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// An IDX file: magic, dimensions (big-endian u32), data.
 fn idx(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
@@ -202,4 +184,9 @@ fn a_bad_command_line_is_a_usage_error() {
         assert_eq!(r.status.code(), Some(2), "{args:?}: {}", text(&r.stderr));
     }
     assert!(!d.join("runs").exists());
+}
+
+/// A fresh folder for one test.
+fn dir(test: &str) -> PathBuf {
+    fresh_dir("bad", test)
 }

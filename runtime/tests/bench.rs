@@ -2,20 +2,10 @@
 //! scripts rely on (bench/compare.py among them) with positive times, the human
 //! block is printed, no data file is read, and bad input is an error, not a panic.
 
+mod common;
+
+use common::{cnnc, text};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn cnnc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cnnc"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("cnnc runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// The data folder does not exist: bench uses synthetic batches only.
 const TINY: &str = "model Tiny {

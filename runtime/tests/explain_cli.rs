@@ -4,29 +4,12 @@
 //! gives the maps the run wrote and leaves the checkpoint alone, and bad input is
 //! a clear error that leaves the user's files alone.
 
+mod common;
+
+use common::{cnnc, fresh_dir, text};
 use ndarray::Array2;
 use ndarray_npy::ReadNpyExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn cnnc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cnnc"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("cnnc runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cnnc-explain-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 const TINY: &str = "model Tiny {
   input image: [3, 16, 16]
@@ -292,4 +275,9 @@ fn bad_explain_input_is_a_clear_error() {
     // An unknown flag is a usage error.
     let r = cnnc(&["explain", &f, "--weights", ckpt, "--colour-map", "jet"]);
     assert_eq!(r.status.code(), Some(2));
+}
+
+/// A fresh folder for one test.
+fn dir(test: &str) -> PathBuf {
+    fresh_dir("explain", test)
 }

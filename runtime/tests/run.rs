@@ -3,28 +3,10 @@
 //! evaluates to the reported accuracy, that a run is reproducible bit for bit, and
 //! that bad input is a clear error that leaves the user's files alone.
 
+mod common;
+
+use common::{cnnc, fresh_dir, text};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn cnnc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cnnc"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("cnnc runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A fresh folder for one test.
-fn dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cnnc-run-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 const TINY: &str = "model Tiny {
   input image: [1, 16, 16]
@@ -205,4 +187,9 @@ fn weights_of_another_model_are_refused_by_name() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("c2.weight"), "{}", text(&o.stderr));
+}
+
+/// A fresh folder for one test.
+fn dir(test: &str) -> PathBuf {
+    fresh_dir("run", test)
 }
